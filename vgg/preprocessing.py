@@ -1,0 +1,136 @@
+"""Preprocessing shared by training, export and the service: one implementation.
+
+Pixel values are in 0..255 throughout. The paper's only preprocessing is "subtracting the
+mean RGB value, computed on the training set" (section 2.1); we also divide by the
+per-channel std computed on the training set (stored next to the mean in every
+checkpoint), which keeps one initialisation scale valid for any data set.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGENET_MEAN_RGB",
+    "IMAGENET_STD_RGB",
+    "TEST_SCALE_RATIO",
+    "DEFAULT_MAX_PIXELS",
+    "ImageDecodeError",
+    "ImageTooLarge",
+    "test_scale_for_crop",
+    "open_rgb",
+    "resize_shortest_side",
+    "center_crop",
+    "to_graph_input",
+]
+
+# torchvision's ImageNet statistics in pixel units: the constants that go with
+# torchvision-trained weights. Our own runs compute theirs from the training data.
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+# Test scale Q for a crop: the paper's single-scale setting Q = 256 for a 224 crop
+# (torchvision's "resize 256, crop 224" preset); smaller geometries scale with the crop.
+TEST_SCALE_RATIO = 256 / 224
+
+# Decompression-bomb limit: 50 megapixels is far above any photo a classifier needs.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+ImageSource = Union[bytes, str, Path, BinaryIO]
+
+
+class ImageDecodeError(ValueError):
+    """The input is not a readable image (empty, truncated, unknown format...)."""
+
+
+class ImageTooLarge(ImageDecodeError):
+    """The image header announces more pixels than allowed."""
+
+
+def test_scale_for_crop(crop: int) -> int:
+    return round(crop * TEST_SCALE_RATIO)
+
+
+def _high_bit_depth_to_8bit(image: Image.Image) -> Image.Image:
+    array = np.asarray(image)
+    if image.mode == "F":
+        top = 1.0 if array.size and float(array.max()) <= 1.0 else 255.0
+        return Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
+    top = 65535 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255
+    return Image.fromarray((array.astype(np.float64) * (255.0 / top)).round().astype(np.uint8))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _high_bit_depth_to_8bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_rgb(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image (first frame), apply its EXIF orientation and return it as RGB.
+
+    The pixel count is checked from the header before the image is decoded.
+    Raises :class:`ImageTooLarge` or :class:`ImageDecodeError` with a one-line reason.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageDecodeError("empty file")
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLarge(f"image is {width}x{height} = {width * height} pixels, limit is {max_pixels}")
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(str(error)) from None
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, Image.UnidentifiedImageError):
+            reason = "not a recognised image format"
+        raise ImageDecodeError(reason) from None
+
+
+def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
+    """Isotropic rescale so the shortest side is ``size`` (bilinear, antialiased)."""
+    width, height = image.size
+    if min(width, height) == size:
+        return image
+    if width <= height:
+        new_size = (size, max(1, round(height * size / width)))
+    else:
+        new_size = (max(1, round(width * size / height)), size)
+    return image.resize(new_size, Image.Resampling.BILINEAR)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_graph_input(image: Image.Image, scale: int) -> np.ndarray:
+    """The exported graph's input for one image: ``[scale, scale, 3]`` uint8 RGB.
+
+    Shortest side to ``scale``, then the central ``scale x scale`` square.
+    """
+    square = center_crop(resize_shortest_side(image, scale), scale)
+    return np.asarray(square, dtype=np.uint8).reshape(scale, scale, 3)
