@@ -4,7 +4,7 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts), loadable
 ``torch.load(weights_only=True)``::
 
     format       "vgg-checkpoint/1"
-    arch         {"cfg": "D", "batch_norm": False, "num_classes": 10, "dropout": 0.5}
+    arch         {"cfg": "D", "batch_norm": False, "num_classes": 10, "dropout": 0.5, "fc_width": 4096}
     model        the model's state_dict
     classes      class names, index order
     preprocess   {"mean": [r, g, b], "std": [r, g, b], "pca_eigval": [3], "pca_eigvec": [[3]x3],
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vgg.model import VGG, build
+from vgg.model import FC_WIDTH, VGG, build
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
 
@@ -89,6 +89,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> VGG:
         num_classes=arch["num_classes"],
         batch_norm=arch["batch_norm"],
         dropout=arch.get("dropout", 0.5),
+        fc_width=arch.get("fc_width", FC_WIDTH),
     )
     try:
         model.load_state_dict(checkpoint["model"], strict=True)

@@ -100,19 +100,26 @@ class VGG(nn.Module):
     scores from it (paper, section 2.1). For a 224x224 input ``avgpool`` is the identity.
     """
 
-    def __init__(self, features: nn.Sequential, *, num_classes: int = 1000, dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        features: nn.Sequential,
+        *,
+        num_classes: int = 1000,
+        dropout: float = 0.5,
+        fc_width: int = FC_WIDTH,
+    ) -> None:
         super().__init__()
         self.features = features
         self.avgpool = nn.AdaptiveAvgPool2d((POOLED_SIZE, POOLED_SIZE))
         # Dropout 0.5 on the first two FC layers (paper, section 3.1).
         self.classifier = nn.Sequential(
-            nn.Linear(512 * POOLED_SIZE * POOLED_SIZE, FC_WIDTH),
+            nn.Linear(512 * POOLED_SIZE * POOLED_SIZE, fc_width),
             nn.ReLU(inplace=True),
             nn.Dropout(p=dropout),
-            nn.Linear(FC_WIDTH, FC_WIDTH),
+            nn.Linear(fc_width, fc_width),
             nn.ReLU(inplace=True),
             nn.Dropout(p=dropout),
-            nn.Linear(FC_WIDTH, num_classes),
+            nn.Linear(fc_width, num_classes),
         )
 
     @property
@@ -164,15 +171,20 @@ def build(
     batch_norm: bool = False,
     dropout: float = 0.5,
     init: Init = "paper",
+    fc_width: int = FC_WIDTH,
 ) -> VGG:
     """Build configuration ``cfg`` (``"A"``, ``"A-LRN"``, ``"B"``, ``"C"``, ``"D"`` or ``"E"``)
     of the paper's Table 1, optionally with BatchNorm after every convolution.
+
+    ``fc_width`` is the paper's 4096; a smaller value gives a light head for small data
+    sets and fast tests (the conv stack and all module names stay the paper's).
     """
     if cfg not in cfgs:
         raise ValueError(f"unknown VGG configuration {cfg!r}; choose one of {', '.join(CONFIG_NAMES)}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    model = VGG(_make_features(cfgs[cfg], batch_norm=batch_norm), num_classes=num_classes, dropout=dropout)
+    if num_classes < 1 or fc_width < 1:
+        raise ValueError(f"num_classes and fc_width must be positive, got {num_classes} and {fc_width}")
+    features = _make_features(cfgs[cfg], batch_norm=batch_norm)
+    model = VGG(features, num_classes=num_classes, dropout=dropout, fc_width=fc_width)
     init_weights(model, init)
     return model
 
