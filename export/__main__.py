@@ -1,0 +1,75 @@
+"""``python -m export --checkpoint runs/D/best.pt [--tta five] [--precision fp32] [--scale Q] [--out PATH]``
+
+Exit codes: 0 exported (and registered), 2 bad input or a failed check (one-line error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from export.core import (
+    INT8_AGREEMENT_IMAGES,
+    INT8_CALIBRATION_IMAGES,
+    INT8_MIN_AGREEMENT,
+    PRECISIONS,
+    ExportError,
+    export_checkpoint,
+)
+from export.graph import TTA_MODES
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export a VGG training checkpoint to ONNX (preprocessing and test-time crops inside the "
+        "graph), check it against PyTorch, and register it in the BentoML store as vgg:<version>.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint, e.g. runs/D-.../best.pt")
+    parser.add_argument("--tta", choices=TTA_MODES, default="five", help="test-time views (default: five)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32 (always built), plus fp16 (GPU) or int8 (CPU, QDQ) (default: fp32)")
+    parser.add_argument("--scale", type=int, default=None, help="test scale Q (default: the checkpoint's)")
+    parser.add_argument("--out", default=None, help="also write the requested precision's .onnx here")
+    parser.add_argument("--no-register", dest="register", action="store_false",
+                        help="do not register in the BentoML store (needs --out)")
+    parser.add_argument("--check-images", nargs="+", default=None, metavar="IMAGE",
+                        help="real images for the checks (default: a few from the training folder)")
+    parser.add_argument("--calibration", default=None, metavar="DIR",
+                        help="int8 calibration images (default: the checkpoint's training folder)")
+    parser.add_argument("--calibration-images", type=int, default=INT8_CALIBRATION_IMAGES,
+                        help=f"int8 calibration image count (default: {INT8_CALIBRATION_IMAGES})")
+    parser.add_argument("--agreement-images", type=int, default=INT8_AGREEMENT_IMAGES,
+                        help=f"int8 vs fp32 agreement image count (default: {INT8_AGREEMENT_IMAGES})")
+    parser.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT,
+                        help=f"int8 minimum top-1 agreement with fp32 (default: {INT8_MIN_AGREEMENT})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("export").setLevel(logging.INFO)
+    try:
+        result = export_checkpoint(
+            args.checkpoint, tta=args.tta, precision=args.precision, scale=args.scale, out=args.out,
+            register=args.register, check_images=args.check_images, calibration=args.calibration,
+            calibration_count=args.calibration_images, agreement_count=args.agreement_images,
+            min_agreement=args.min_agreement,
+        )
+    except ExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    checks = ", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in result.checks.items())
+    print(f"checks: {checks}")
+    if result.tag:
+        print(f"registered {result.tag}")
+    print(f"onnx: {result.onnx_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

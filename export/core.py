@@ -1,0 +1,330 @@
+"""``export_checkpoint``: training checkpoint -> checked ONNX model(s) -> BentoML store.
+
+Everything is built and checked in a temporary directory first; only a model that passed
+every check is registered (in one ``bentoml.models.create`` step) or written to ``out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from export import check, registry
+from export.graph import TTA_MODES, InferenceGraph
+from export.onnx_io import OPSET, save_onnx, set_metadata, to_onnx
+from export.reference import reference_probs
+from vgg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from vgg.preprocessing import test_scale_for_crop
+
+__all__ = ["ExportError", "ExportResult", "export_checkpoint", "PRECISIONS", "FP32_TOLERANCE"]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+FP32_TOLERANCE = 1e-4  # max abs difference of probabilities, ORT vs the PyTorch reference
+REAL_CHECK_IMAGES = 8
+RANDOM_CHECK_IMAGES = 4
+FP16_MARGIN = 1e-3  # fp16 must agree on top-1 wherever fp32's top-2 margin is at least this
+INT8_CALIBRATION_IMAGES = 256
+INT8_AGREEMENT_IMAGES = 500
+INT8_MIN_AGREEMENT = 0.99
+
+
+class ExportError(RuntimeError):
+    """An export that failed: bad checkpoint, failed check, or bad arguments (one-line message)."""
+
+
+@dataclass
+class ExportResult:
+    """What an export produced.
+
+    ``tag`` is the BentoML tag (``None`` when not registered); ``onnx_path`` the model of the
+    requested precision (``out`` if given, else its file in the store entry); ``paths`` every
+    written ONNX file by precision; ``checks`` the measured check results.
+    """
+
+    tag: str | None
+    onnx_path: Path
+    metadata: dict[str, Any]
+    paths: dict[str, Path] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Source:
+    """A loaded checkpoint and the export geometry resolved from it."""
+
+    checkpoint: dict[str, Any]
+    model: Any
+    mean: list[float]
+    std: list[float]
+    crop: int
+    scale: int
+    sha256: str
+    data_folder: Path | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_source(checkpoint_path: Path, *, scale: int | None) -> _Source:
+    try:
+        checkpoint = load_checkpoint(checkpoint_path)
+        model = model_from_checkpoint(checkpoint)
+        preprocess = checkpoint["preprocess"]
+        mean, std = [float(v) for v in preprocess["mean"]], [float(v) for v in preprocess["std"]]
+        crop = int(preprocess["crop"])
+        default_scale = int(preprocess.get("test_scale") or test_scale_for_crop(crop))
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise ExportError(f"{checkpoint_path}: malformed checkpoint ({type(error).__name__}: {error})") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ExportError(f"{checkpoint_path}: preprocess mean/std must be 3 values, std positive")
+    scale = int(scale) if scale is not None else default_scale
+    if scale < crop:
+        raise ExportError(f"--scale {scale} is smaller than the crop {crop}")
+    config = checkpoint.get("config") or {}
+    data = config.get("data") if isinstance(config, dict) else None
+    return _Source(checkpoint, model, mean, std, crop, scale, _sha256(checkpoint_path), check.training_folder(data))
+
+
+def _metadata(source: _Source, *, tta: str) -> dict[str, Any]:
+    arch, metrics = source.checkpoint["arch"], source.checkpoint.get("metrics") or {}
+    val_top1 = metrics.get("val_top1")
+    return {
+        "cfg": str(arch["cfg"]),
+        "batch_norm": bool(arch["batch_norm"]),
+        "num_classes": int(arch["num_classes"]),
+        "scale": source.scale,
+        "crop": source.crop,
+        "mean": source.mean,
+        "std": source.std,
+        "tta": tta,
+        "checkpoint_sha256": source.sha256,
+        "val_top1": None if val_top1 is None else float(val_top1),
+    }
+
+
+def _check_inputs(source: _Source, check_images: Sequence[os.PathLike | str] | np.ndarray | None) -> np.ndarray:
+    """Real images (``check_images`` or the first few of the training folder) plus random ones."""
+    if isinstance(check_images, np.ndarray):
+        real = check_images.astype(np.uint8)
+    else:
+        if check_images is None:
+            files = check.image_files(source.data_folder)[:REAL_CHECK_IMAGES] if source.data_folder else []
+        else:
+            files = [Path(p) for p in check_images]
+        real = check.load_graph_inputs(files, scale=source.scale)
+    if len(real) == 0:
+        logger.warning("no real images to check against (no training data folder): random images only")
+    noise = check.random_images(RANDOM_CHECK_IMAGES, scale=source.scale)
+    return np.concatenate([real.reshape(-1, source.scale, source.scale, 3), noise])
+
+
+def _export_graph(source: _Source, *, tta: str, half: bool) -> onnx.ModelProto:
+    graph = InferenceGraph(
+        source.model, mean=source.mean, std=source.std, crop=source.crop, scale=source.scale, tta=tta, half=half
+    )
+    exporter_chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(exporter_chatter):
+            return to_onnx(graph)
+    except Exception as error:  # the exporter raises many types; any of them is a failed export
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExportError(f"torch.onnx export failed: {first[:300]}") from None
+    finally:
+        logger.debug("exporter output:\n%s", exporter_chatter.getvalue())
+
+
+def _write(model: onnx.ModelProto, path: Path, metadata: dict[str, Any], *, precision: str) -> Path:
+    set_metadata(model, {**metadata, "precision": precision})
+    try:
+        return save_onnx(model, path)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"{precision} graph fails onnx.checker: {str(error).splitlines()[0]}") from None
+
+
+def _check_fp32(path: Path, source: _Source, images: np.ndarray, *, tta: str) -> tuple[float, np.ndarray]:
+    probs = check.run_onnx(check.session(path), images)
+    reference = reference_probs(source.model, images, mean=source.mean, std=source.std, crop=source.crop, tta=tta)
+    max_diff = float(np.abs(probs - reference).max())
+    if not max_diff <= FP32_TOLERANCE:  # also catches NaN
+        raise ExportError(
+            f"fp32 ONNX graph differs from the PyTorch reference: max abs diff {max_diff:.3g} > {FP32_TOLERANCE:g} "
+            f"(tta={tta}, {len(images)} images)"
+        )
+    logger.info("fp32 check: max abs diff %.3g vs PyTorch on %d images", max_diff, len(images))
+    return max_diff, probs
+
+
+def _providers() -> list[str]:
+    available = check.ort.get_available_providers()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+
+
+def _check_fp16(path: Path, images: np.ndarray, fp32_probs: np.ndarray) -> dict[str, Any]:
+    probs = check.run_onnx(check.session(path, providers=_providers()), images)
+    sorted_fp32 = np.sort(fp32_probs, axis=1)
+    decisive = (sorted_fp32[:, -1] - sorted_fp32[:, -2]) >= FP16_MARGIN
+    agree = probs.argmax(axis=1) == fp32_probs.argmax(axis=1)
+    max_diff = float(np.abs(probs - fp32_probs).max())
+    if probs.dtype != np.float32 or not np.all(agree[decisive]) or not np.isfinite(max_diff):
+        raise ExportError(
+            f"fp16 graph disagrees with fp32 on top-1 for {int((~agree & decisive).sum())} of {int(decisive.sum())} "
+            f"check images (max abs diff {max_diff:.3g})"
+        )
+    logger.info("fp16 check: top-1 agrees with fp32 on %d images, max abs diff %.3g", len(images), max_diff)
+    return {"fp16_max_abs_diff": max_diff, "fp16_top1_agreement": float(agree.mean())}
+
+
+def _int8_images(source: _Source, calibration: Path | None, *, calibration_count: int, agreement_count: int):
+    """Calibration and (disjoint) agreement images, decoded as the service would."""
+    if calibration is not None:
+        calibration_files = check.image_files(calibration)[:calibration_count]
+        pool = check.image_files(source.data_folder) if source.data_folder else []
+        used = {p.resolve() for p in calibration_files}
+        agreement_files = [p for p in pool if p.resolve() not in used][:agreement_count]
+    else:
+        pool = check.image_files(source.data_folder) if source.data_folder else []
+        calibration_files = pool[:calibration_count]
+        agreement_files = pool[calibration_count : calibration_count + agreement_count]
+    if len(calibration_files) < calibration_count or len(agreement_files) < agreement_count:
+        where = calibration or source.data_folder or "the checkpoint's config['data'] (absent)"
+        raise ExportError(
+            f"int8 needs {calibration_count} calibration + {agreement_count} other training images, found "
+            f"{len(calibration_files)} + {len(agreement_files)} in {where}; pass --calibration DIR"
+        )
+    return (
+        check.load_graph_inputs(calibration_files, scale=source.scale),
+        check.load_graph_inputs(agreement_files, scale=source.scale),
+    )
+
+
+def _make_int8(
+    fp32_path: Path, out_path: Path, source: _Source, *, calibration: Path | None, calibration_count: int,
+    agreement_count: int, min_agreement: float, metadata: dict[str, Any],
+) -> dict[str, Any]:
+    from export.quantize import quantize_int8  # onnxruntime.quantization is slow to import
+
+    calibration_images, agreement_images = _int8_images(
+        source, calibration, calibration_count=calibration_count, agreement_count=agreement_count
+    )
+    try:
+        quantize_int8(fp32_path, out_path, calibration_images=calibration_images)
+    except Exception as error:  # onnxruntime.quantization raises many types
+        raise ExportError(f"int8 quantization failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    _write(onnx.load(str(out_path)), out_path, metadata, precision="int8")
+    fp32 = check.run_onnx(check.session(fp32_path), agreement_images)
+    int8 = check.run_onnx(check.session(out_path), agreement_images)
+    agreement = check.top1_agreement(int8, fp32)
+    message = f"int8 top-1 agreement with fp32: {agreement:.2%} on {len(agreement_images)} images not used for calibration"
+    print(message)
+    if agreement < min_agreement:
+        raise ExportError(f"{message}, below the required {min_agreement:.0%}")
+    return {"int8_top1_agreement": agreement, "int8_agreement_images": len(agreement_images),
+            "int8_calibration_images": len(calibration_images)}
+
+
+def _stage_out(model_file: Path, out: str | os.PathLike | None) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = out.with_name(f".{out.name}.partial")
+    shutil.copyfile(model_file, staged)
+    return staged
+
+
+def export_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    *,
+    tta: str = "five",
+    precision: str = "fp32",
+    scale: int | None = None,
+    out: str | os.PathLike | None = None,
+    register: bool = True,
+    check_images: Sequence[os.PathLike | str] | np.ndarray | None = None,
+    calibration: str | os.PathLike | None = None,
+    calibration_count: int = INT8_CALIBRATION_IMAGES,
+    agreement_count: int = INT8_AGREEMENT_IMAGES,
+    min_agreement: float = INT8_MIN_AGREEMENT,
+) -> ExportResult:
+    """Export a training checkpoint to ONNX, check it against PyTorch, register it.
+
+    The fp32 graph is always built and checked (max abs diff <= :data:`FP32_TOLERANCE` vs the
+    torchvision reference); ``precision="fp16"`` or ``"int8"`` adds that graph and its check.
+    ``check_images``: image files (or uint8 ``[N, Q, Q, 3]`` arrays) for the checks; by default
+    the first few of the checkpoint's training folder. Random images are always added.
+    ``calibration``: int8 calibration folder (default: the training folder).
+    Raises :class:`ExportError` (nothing registered, nothing written to ``out``) on any failure.
+    """
+    if tta not in TTA_MODES:
+        raise ExportError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if not register and out is None:
+        raise ExportError("nothing to do: give out=PATH or register=True")
+    source = _load_source(Path(checkpoint_path), scale=scale)
+    metadata = _metadata(source, tta=tta)
+    precisions = ["fp32"] if precision == "fp32" else ["fp32", precision]
+    classes = [str(name) for name in source.checkpoint["classes"]]
+    onnx_metadata = {**metadata, "labels": classes}
+    with tempfile.TemporaryDirectory(prefix="vgg-export-") as scratch:
+        work = Path(scratch)
+        files = {name: work / name for p, name in registry.ONNX_FILES.items() if p in precisions}
+        images = _check_inputs(source, check_images)
+        _write(_export_graph(source, tta=tta, half=False), files["model.onnx"], onnx_metadata, precision="fp32")
+        max_diff, fp32_probs = _check_fp32(files["model.onnx"], source, images, tta=tta)
+        checks: dict[str, Any] = {"fp32_max_abs_diff": max_diff, "check_images": len(images), "opset": OPSET}
+        if precision == "fp16":
+            _write(_export_graph(source, tta=tta, half=True), files["model.fp16.onnx"], onnx_metadata, precision="fp16")
+            checks |= _check_fp16(files["model.fp16.onnx"], images, fp32_probs)
+        elif precision == "int8":
+            checks |= _make_int8(
+                files["model.onnx"], files["model.int8.onnx"], source, calibration=Path(calibration) if calibration else None,
+                calibration_count=calibration_count, agreement_count=agreement_count, min_agreement=min_agreement,
+                metadata=onnx_metadata,
+            )
+        classes_file = work / registry.CLASSES_FILE
+        classes_file.write_text(json.dumps(classes), encoding="utf-8")
+        store_metadata = {**metadata, "precisions": precisions}
+        requested = files[registry.ONNX_FILES[precision]]
+        staged_out = _stage_out(requested, out)  # written next to out, renamed once registered
+        tag, paths = None, {}
+        try:
+            if register:
+                labels = {"cfg": metadata["cfg"], "tta": tta, "precisions": ",".join(precisions)}
+                tag = registry.register(
+                    files={**{path.name: path for path in files.values()}, registry.CLASSES_FILE: classes_file},
+                    labels=labels, metadata=store_metadata,
+                )
+                paths = registry.model_files(registry.latest_model(tag))
+        except BaseException:
+            if staged_out is not None:
+                staged_out.unlink(missing_ok=True)
+            raise
+        onnx_path = paths.get(precision, requested)
+        if staged_out is not None:
+            onnx_path = Path(out)
+            os.replace(staged_out, onnx_path)
+            paths.setdefault(precision, onnx_path)
+    logger.info("exported %s (%s, tta=%s) -> %s", Path(checkpoint_path).name, "+".join(precisions), tta, tag or onnx_path)
+    return ExportResult(tag=tag, onnx_path=onnx_path, metadata=store_metadata, paths=paths, checks=checks)
