@@ -64,7 +64,11 @@ def latest_model(tag: str = f"{MODEL_NAME}:latest"):
 
 def has_model() -> bool:
     """Whether any ``vgg`` model is in the store."""
-    return bool(_bentoml().models.list(MODEL_NAME))
+    bentoml = _bentoml()
+    try:
+        return bool(bentoml.models.list(MODEL_NAME))
+    except bentoml.exceptions.NotFound:
+        return False
 
 
 def model_files(model) -> dict[str, Path]:
