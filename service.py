@@ -1,0 +1,159 @@
+"""BentoML service: HTTP image classification with the exported VGG, batched into ONNX Runtime.
+
+``bentoml serve`` (from the project root) serves ``vgg:latest`` from the BentoML model store,
+or the tag / ``.onnx`` path in ``$VGG_MODEL``:
+
+- ``POST /classify``: one image (multipart field ``image``), optional ``top_k``.
+- ``POST /classify_batch``: several images (multipart field ``images``, repeated), optional ``top_k``.
+- ``GET /livez``, ``/readyz`` (ready once warmed up), ``/metrics`` (Prometheus), ``/`` (OpenAPI docs).
+
+Both endpoints decode and resize each image in a worker thread (``vgg.preprocessing``: the
+same functions as the export's reference check), then submit the uint8 ``Q x Q`` array to
+one batchable inference method, :meth:`VGGClassifier.infer_batch`, through BentoML's adaptive
+batching dispatcher: concurrent requests (and the images of one batch request) become one
+ONNX Runtime call of up to ``VGG_MAX_BATCH_SIZE`` images.
+
+Configuration (environment): see ``docs/service.md`` and :class:`serving.settings.Settings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import bentoml
+import numpy as np
+from pydantic import BaseModel
+from starlette.responses import JSONResponse
+
+from serving.batching import make_dispatcher
+from serving.engine import Engine, EngineError, check_model, load_engine, warm_up_sizes
+from serving.guard import RequestGuard
+from serving.images import ApiError, preprocess_upload
+from serving.metrics import inference_metrics
+from serving.settings import Settings, SettingsError
+
+logger = logging.getLogger("bentoml.vgg")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class Classification(BaseModel):
+    label: str
+    index: int
+    score: float
+    top: list[Prediction]
+    model: str
+
+
+def classification(probs: np.ndarray, *, top_k: int, labels: Sequence[str], model: str) -> Classification:
+    """The answer for one image: the ``top_k`` classes by probability, best first."""
+    order = np.argsort(-probs, kind="stable")[:top_k]
+    top = [Prediction(label=labels[index], index=int(index), score=float(probs[index])) for index in order]
+    return Classification(label=top[0].label, index=top[0].index, score=top[0].score, top=top, model=model)
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+@bentoml.service(name="vgg", workers=1, traffic={"timeout": 120})
+class VGGClassifier:
+    """VGG (Simonyan & Zisserman, 2014) image classifier over ONNX Runtime."""
+
+    @bentoml.on_deployment
+    def check_before_start() -> None:
+        """In the ``bentoml serve`` process, before any worker starts: a missing model or a bad
+        setting stops the server with one line instead of a worker restarting in a loop."""
+        try:
+            settings = Settings.from_env()
+            tag = check_model(require_gpu=settings.require_gpu)
+        except (EngineError, SettingsError) as error:
+            raise SystemExit(f"vgg service cannot start: {error}") from None
+        logger.info("model to serve: %s", tag)
+
+    def __init__(self) -> None:
+        self.settings = Settings.from_env()
+        try:
+            self.engine: Engine = load_engine(require_gpu=self.settings.require_gpu)
+        except EngineError as error:
+            logger.error("cannot start: %s", error)
+            raise SystemExit(f"cannot start: {error}") from None
+        logger.info(
+            "serving %s on %s; batches of up to %d, max latency %d ms",
+            self.engine.tag, self.engine.provider, self.settings.max_batch_size, self.settings.max_latency_ms,
+        )
+        self.metrics = inference_metrics(max_batch_size=self.settings.max_batch_size)
+        self._submit = make_dispatcher(
+            self.infer_batch, max_batch_size=self.settings.max_batch_size, max_latency_ms=self.settings.max_latency_ms
+        )
+        self._ready = False
+
+    @bentoml.on_startup
+    async def warm_up(self) -> None:
+        """Run every batch size the dispatcher will form, then train the dispatcher's latency
+        model, before ``/readyz`` answers 200."""
+        sizes = warm_up_sizes(self.settings.max_batch_size)
+        await asyncio.to_thread(self.engine.warm_up, sizes)
+        blank = np.zeros((self.engine.scale, self.engine.scale, 3), dtype=np.uint8)
+        for _ in range(12):  # the dispatcher profiles its first calls one request at a time
+            await self._submit(blank)
+        for size in sizes:
+            await asyncio.gather(*(self._submit(blank) for _ in range(size)))
+        self._ready = True
+        logger.info("warmed up on batch sizes %s: ready", sizes)
+
+    def __is_ready__(self) -> bool:
+        return self._ready
+
+    async def infer_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The one batchable inference method: ``[Q, Q, 3]`` uint8 images -> probabilities,
+        as one ONNX Runtime call."""
+        batch = np.stack(images)
+        probs = await asyncio.to_thread(self.engine.run, batch)
+        self.metrics.observe(len(images))
+        return list(probs)
+
+    async def _classify_paths(self, paths: Sequence[Path], top_k: int) -> list[Classification]:
+        self.check_top_k(top_k)
+        arrays = await asyncio.gather(
+            *(asyncio.to_thread(preprocess_upload, path, scale=self.engine.scale, max_pixels=self.settings.max_pixels) for path in paths)
+        )
+        probs = await asyncio.gather(*(self._submit(array) for array in arrays))
+        return [classification(row, top_k=top_k, labels=self.engine.labels, model=self.engine.tag) for row in probs]
+
+    def check_top_k(self, top_k: int) -> None:
+        if not 1 <= top_k <= self.engine.num_classes:
+            raise ApiError(400, f"top_k must be between 1 and {self.engine.num_classes}, got {top_k}")
+
+    @bentoml.api(route="/classify")
+    async def classify(self, image: Path, top_k: int = 5) -> Classification:
+        """Classify one image (JPEG, PNG, WebP, BMP, GIF first frame, TIFF)."""
+        try:
+            (answer,) = await self._classify_paths([image], top_k)
+        except ApiError as error:
+            return error_response(error)  # type: ignore[return-value]
+        return answer
+
+    @bentoml.api(route="/classify_batch")
+    async def classify_batch(self, images: list[Path], top_k: int = 5) -> list[Classification]:
+        """Classify several images sent in one request; answers in the same order."""
+        try:
+            if not images:
+                raise ApiError(400, "no images: send one or more files in the 'images' field")
+            if len(images) > self.settings.max_images_per_request:
+                raise ApiError(
+                    413, f"{len(images)} images in one request, limit is {self.settings.max_images_per_request}"
+                )
+            return await self._classify_paths(images, top_k)
+        except ApiError as error:
+            return error_response(error)  # type: ignore[return-value]
+
+
+VGGClassifier.add_asgi_middleware(RequestGuard, paths={"/classify": "image", "/classify_batch": "images"})

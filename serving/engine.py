@@ -1,0 +1,243 @@
+"""ONNX Runtime engine for the exported VGG graph (``images`` uint8 [N, Q, Q, 3] -> ``probs``).
+
+One session, loaded once. CUDA when a GPU is usable (IO binding, exhaustive cuDNN algorithm
+search, which pays off for VGG's fixed-size 3x3 convolutions, paper section 2.1; the fp16
+graph when one is registered), else the CPU provider with one intra-op thread per physical
+core. The service, its tests and ``bench/serve.py`` all use this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["EngineError", "ModelFiles", "Engine", "resolve_model", "check_model", "load_engine", "warm_up_sizes", "HOW_TO_GET_A_MODEL"]
+
+logger = logging.getLogger(__name__)
+
+HOW_TO_GET_A_MODEL = (
+    "train and register one with `python -m training.run --cfg D`, "
+    "or export a checkpoint with `python -m export --checkpoint runs/<run>/best.pt`"
+)
+
+
+class EngineError(RuntimeError):
+    """The model cannot be found, loaded or run as asked (one-line message)."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's graphs are and what they need: the service's view of a store entry."""
+
+    tag: str
+    onnx_path: Path
+    labels: list[str]
+    scale: int
+    fp16_path: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _labels_from_metadata(metadata: dict[str, Any], num_classes: int) -> list[str]:
+    labels = metadata.get("labels")
+    if isinstance(labels, str):
+        labels = json.loads(labels)
+    if not labels:
+        labels = [str(index) for index in range(num_classes)]
+    return [str(label) for label in labels]
+
+
+def _model_files_from_onnx(path: Path) -> ModelFiles:
+    """A bare ``.onnx`` file: its metadata_props carry ``scale`` and ``labels``."""
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise EngineError(f"{path}: no such ONNX file")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # ORT raises its own exception types
+        raise EngineError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0][:200]})") from None
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    input_shape = session.get_inputs()[0].shape
+    num_classes = session.get_outputs()[0].shape[-1]
+    scale = int(props["scale"]) if "scale" in props else input_shape[1]
+    if not isinstance(scale, int):
+        raise EngineError(f"{path}: the graph has no 'scale' metadata and a dynamic input size")
+    labels = _labels_from_metadata(props, num_classes if isinstance(num_classes, int) else 0)
+    return ModelFiles(tag=path.name, onnx_path=path, labels=labels, scale=scale, metadata=props)
+
+
+def _model_files_from_store(tag: str) -> ModelFiles:
+    from bentoml.exceptions import NotFound
+
+    from export.registry import MODEL_NAME, latest_model, model_classes, model_files
+
+    try:
+        model = latest_model(tag)
+    except NotFound:
+        if tag in (MODEL_NAME, f"{MODEL_NAME}:latest"):
+            raise EngineError(f"no '{MODEL_NAME}' model in the BentoML store: {HOW_TO_GET_A_MODEL}") from None
+        raise EngineError(f"model {tag!r} is not in the BentoML store: {HOW_TO_GET_A_MODEL}") from None
+    except ValueError as error:
+        raise EngineError(f"{tag!r} is neither a model tag nor an .onnx path ({error})") from None
+    metadata = dict(model.info.metadata)
+    graphs = model_files(model)
+    if "fp32" not in graphs:
+        raise EngineError(f"model {model.tag} has no model.onnx: re-export it")
+    try:
+        labels = [str(label) for label in model_classes(model)]
+    except (OSError, ValueError):
+        labels = _labels_from_metadata(metadata, int(metadata.get("num_classes", 0)))
+    return ModelFiles(
+        tag=str(model.tag),
+        onnx_path=graphs["fp32"],
+        labels=labels,
+        scale=int(metadata["scale"]),
+        fp16_path=graphs.get("fp16"),
+        metadata=metadata,
+    )
+
+
+def resolve_model(spec: str | None = None) -> ModelFiles:
+    """``spec``: a store tag (``vgg``, ``vgg:<version>``), a path to an ``.onnx`` file, or None
+    for ``$VGG_MODEL`` or else ``vgg:latest``."""
+    spec = spec or os.environ.get("VGG_MODEL") or "vgg:latest"
+    if spec.endswith(".onnx") or os.sep in spec:
+        return _model_files_from_onnx(Path(spec).expanduser())
+    return _model_files_from_store(spec)
+
+
+def check_model(spec: str | None = None, *, require_gpu: bool = False) -> str:
+    """Fail fast, with a one-line :class:`EngineError`, when the service could not start;
+    cheap (no session for store models). Returns the model's tag or file name."""
+    if require_gpu and not _cuda_usable():
+        raise EngineError("VGG_REQUIRE_GPU=1 but no usable GPU: ONNX Runtime's CUDA provider or the NVIDIA driver is missing")
+    spec = spec or os.environ.get("VGG_MODEL") or "vgg:latest"
+    if spec.endswith(".onnx") or os.sep in spec:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise EngineError(f"VGG_MODEL={spec}: no such ONNX file")
+        return path.name
+    return _model_files_from_store(spec).tag
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _cuda_usable() -> bool:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1")  # the driver: absent on machines without a GPU
+    except OSError:
+        return False
+    return True
+
+
+class Engine:
+    """An ORT session over the exported graph, with the model's labels and input size."""
+
+    def __init__(self, files: ModelFiles, *, device: str = "auto", intra_op_threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        if device not in ("auto", "cuda", "cpu"):
+            raise EngineError(f"device must be auto, cuda or cpu, not {device!r}")
+        self.files = files
+        self.tag = files.tag
+        self.labels = files.labels
+        self.scale = files.scale
+        want_cuda = device == "cuda" or (device == "auto" and _cuda_usable())
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if want_cuda:
+            graph = files.fp16_path or files.onnx_path
+            providers: list[Any] = [
+                ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True}),
+                "CPUExecutionProvider",
+            ]
+        else:
+            graph = files.onnx_path
+            options.intra_op_num_threads = intra_op_threads or physical_cores()
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers)
+        except Exception as error:
+            raise EngineError(f"{graph}: cannot create an ONNX Runtime session ({str(error).splitlines()[0][:200]})") from None
+        self.graph_path = graph
+        self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise EngineError("a GPU was required but ONNX Runtime could not use CUDA")
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.num_classes = len(self.labels)
+        self._gpu_batch_sizes: list[int] = []  # fixed shapes the GPU session was tuned for
+        logger.info(
+            "engine: %s on %s (%s), input %dx%d, %d classes",
+            self.tag, self.provider, graph.name, self.scale, self.scale, self.num_classes,
+        )
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider == "CUDAExecutionProvider"
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """``images`` uint8 [N, Q, Q, 3] -> float32 probabilities [N, num_classes]."""
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if images.ndim != 4 or images.shape[1:] != (self.scale, self.scale, 3):
+            raise EngineError(f"expected uint8 [N, {self.scale}, {self.scale}, 3], got {list(images.shape)}")
+        if self.on_gpu:
+            return self._run_padded(images)
+        (probs,) = self.session.run([self.output_name], {self.input_name: images})
+        return np.asarray(probs, dtype=np.float32)
+
+    def _run_padded(self, images: np.ndarray) -> np.ndarray:
+        """On the GPU, pad to the next warmed-up batch size: cuDNN's exhaustive search then
+        runs once per size at warm-up, never on a live request."""
+        count = len(images)
+        size = next((size for size in self._gpu_batch_sizes if size >= count), count)
+        if size > count:
+            padding = np.zeros((size - count, *images.shape[1:]), dtype=np.uint8)
+            images = np.concatenate([images, padding])
+        return self._run_io_binding(images)[:count]
+
+    def _run_io_binding(self, images: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0))
+        binding.bind_output(self.output_name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run each batch size once so allocations and cuDNN algorithm choices happen now."""
+        for size in batch_sizes:
+            self.run(np.zeros((size, self.scale, self.scale, 3), dtype=np.uint8))
+        if self.on_gpu:
+            self._gpu_batch_sizes = sorted(set(batch_sizes))
+
+
+def warm_up_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two up to ``max_batch_size``, and ``max_batch_size`` itself."""
+    sizes = [1 << power for power in range(max_batch_size.bit_length()) if 1 << power <= max_batch_size]
+    return sorted(set(sizes + [max_batch_size]))
+
+
+def load_engine(spec: str | None = None, *, require_gpu: bool = False, intra_op_threads: int | None = None) -> Engine:
+    """Resolve ``spec`` (see :func:`resolve_model`) and open it, on the GPU when usable."""
+    files = resolve_model(spec)
+    return Engine(files, device="cuda" if require_gpu else "auto", intra_op_threads=intra_op_threads)

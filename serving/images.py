@@ -1,0 +1,54 @@
+"""Uploaded file -> graph input, with every failure turned into an HTTP status and a message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vgg.preprocessing import ImageDecodeError, ImageTooLarge, open_rgb, to_graph_input
+
+__all__ = ["ApiError", "SUPPORTED_FORMATS", "preprocess_upload"]
+
+# PIL format names the API accepts (GIF: first frame).
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")  # MPO: multi-picture JPEG from cameras
+
+
+class ApiError(Exception):
+    """A request the service answers with ``status`` and a JSON ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def image_format(path: Path) -> str | None:
+    """The format named by the file's header, or None when PIL does not recognise it."""
+    try:
+        with Image.open(path) as image:
+            return image.format
+    except Exception:  # unreadable: open_rgb names the problem
+        return None
+
+
+def preprocess_upload(path: Path, *, scale: int, max_pixels: int) -> np.ndarray:
+    """Decode an uploaded image and make the graph's ``[scale, scale, 3]`` uint8 input.
+
+    Raises :class:`ApiError`: 400 not an image / empty / truncated, 413 too many pixels,
+    415 an image format the API does not take.
+    """
+    if path.stat().st_size == 0:
+        raise ApiError(400, "empty file: the upload has no bytes")
+    found = image_format(path)
+    if found is not None and found not in SUPPORTED_FORMATS:
+        raise ApiError(415, f"unsupported image format {found}; send JPEG, PNG, WebP, BMP, GIF or TIFF")
+    try:
+        return to_graph_input(open_rgb(path, max_pixels=max_pixels), scale)
+    except ImageTooLarge as error:
+        raise ApiError(413, f"image too large: {error}") from None
+    except ImageDecodeError as error:
+        raise ApiError(400, f"not a readable image: {error}") from None
+    except Exception as error:  # any other decoder failure is still the input's fault
+        raise ApiError(400, f"not a readable image: {type(error).__name__}: {str(error)[:200]}") from None
