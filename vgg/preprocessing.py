@@ -22,7 +22,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageDecodeError",
     "ImageTooLarge",
-    "test_scale_for_crop",
+    "default_test_scale",
     "open_rgb",
     "resize_shortest_side",
     "center_crop",
@@ -52,7 +52,7 @@ class ImageTooLarge(ImageDecodeError):
     """The image header announces more pixels than allowed."""
 
 
-def test_scale_for_crop(crop: int) -> int:
+def default_test_scale(crop: int) -> int:
     return round(crop * TEST_SCALE_RATIO)
 
 
