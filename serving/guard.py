@@ -6,13 +6,14 @@ try to download it as a URL):
 
 - a body that is not ``multipart/form-data``: 415;
 - a body over ``VGG_MAX_BODY_BYTES`` (declared or actually sent): 413;
-- a malformed multipart body, a text value in the file field, a file in ``top_k``, a missing
-  file field or an unknown field: 400 (BentoML would answer some of these with a 500).
+- a malformed multipart body, a text value in the file field, a file or a non-integer in
+  ``top_k``, a missing file field or an unknown field: 400 (BentoML would answer some of these with a 500).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Awaitable, Callable
 
 from starlette.datastructures import Headers, UploadFile
@@ -83,6 +84,8 @@ def field_problem(key: str, value: str | UploadFile, *, file_field: str) -> str 
     elif key in TEXT_FIELDS:
         if isinstance(value, UploadFile):
             return f"field {key!r} must be a plain value, not a file"
+        if not re.fullmatch(r"\s*[+-]?\d{1,9}\s*", value):
+            return f"{key} must be an integer, got {value[:40]!r}"
     else:
         return f"unknown field {key!r}: send {file_field!r} and optionally {', '.join(TEXT_FIELDS)}"
     return None
