@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# The README's main command: make sure a model is registered (training the built-in demo
-# VGG-D if none is), then serve it over HTTP with BentoML on port 3000.
+# The README's main command (`make serve`): make sure a model is registered, training and
+# registering the built-in demo VGG-D if none is, then serve it with BentoML on port 3000.
+#   PORT=3001 make serve           another port
+#   VGG_MODEL=vgg:<version> ...    a given store model, or VGG_MODEL=path/to/model.onnx
+# Other settings (batch size, limits, VGG_REQUIRE_GPU): docs/service.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-if ! "$PY" -m export.registry --check >/dev/null 2>&1; then
+export BENTOML_DO_NOT_TRACK=True
+
+if [[ -z "${VGG_MODEL:-}" ]] && ! "$PY" -m export.registry --check >/dev/null 2>&1; then
   echo "No 'vgg' model registered yet: training the built-in demo VGG-D (about 10 minutes on 2 CPU cores)."
   "$PY" -m training.run --cfg D
+  if ! "$PY" -m export.registry --check >/dev/null 2>&1; then
+    echo "error: training finished but registered no 'vgg' model; export one with" \
+         "'python -m export --checkpoint runs/<run>/best.pt'" >&2
+    exit 2
+  fi
 fi
-exec .venv/bin/bentoml serve . --port "${PORT:-3000}"
+echo "Serving on http://localhost:${PORT:-3000} (docs at /, POST /classify); Ctrl+C stops it."
+exec .venv/bin/bentoml serve . --host "${HOST:-0.0.0.0}" --port "${PORT:-3000}"
