@@ -26,7 +26,7 @@ from export.graph import TTA_MODES, InferenceGraph
 from export.onnx_io import OPSET, save_onnx, set_metadata, to_onnx
 from export.reference import reference_probs
 from vgg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from vgg.preprocessing import test_scale_for_crop
+from vgg.preprocessing import default_test_scale
 
 __all__ = ["ExportError", "ExportResult", "export_checkpoint", "PRECISIONS", "FP32_TOLERANCE"]
 
@@ -91,11 +91,13 @@ def _load_source(checkpoint_path: Path, *, scale: int | None) -> _Source:
         preprocess = checkpoint["preprocess"]
         mean, std = [float(v) for v in preprocess["mean"]], [float(v) for v in preprocess["std"]]
         crop = int(preprocess["crop"])
-        default_scale = int(preprocess.get("test_scale") or test_scale_for_crop(crop))
+        default_scale = int(preprocess.get("test_scale") or default_test_scale(crop))
     except CheckpointError as error:
         raise ExportError(str(error)) from None
     except (KeyError, TypeError, ValueError) as error:
         raise ExportError(f"{checkpoint_path}: malformed checkpoint ({type(error).__name__}: {error})") from None
+    except Exception as error:  # torch.load on foreign bytes can raise nearly anything (IndexError, ...)
+        raise ExportError(f"{checkpoint_path}: not a readable checkpoint ({type(error).__name__})") from None
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ExportError(f"{checkpoint_path}: preprocess mean/std must be 3 values, std positive")
     scale = int(scale) if scale is not None else default_scale
@@ -219,14 +221,11 @@ def _int8_images(source: _Source, calibration: Path | None, *, calibration_count
 
 
 def _make_int8(
-    fp32_path: Path, out_path: Path, source: _Source, *, calibration: Path | None, calibration_count: int,
-    agreement_count: int, min_agreement: float, metadata: dict[str, Any],
+    fp32_path: Path, out_path: Path, *, calibration_images: np.ndarray, agreement_images: np.ndarray,
+    min_agreement: float, metadata: dict[str, Any],
 ) -> dict[str, Any]:
     from export.quantize import quantize_int8  # onnxruntime.quantization is slow to import
 
-    calibration_images, agreement_images = _int8_images(
-        source, calibration, calibration_count=calibration_count, agreement_count=agreement_count
-    )
     try:
         quantize_int8(fp32_path, out_path, calibration_images=calibration_images)
     except Exception as error:  # onnxruntime.quantization raises many types
@@ -286,6 +285,11 @@ def export_checkpoint(
     metadata = _metadata(source, tta=tta)
     precisions = ["fp32"] if precision == "fp32" else ["fp32", precision]
     classes = [str(name) for name in source.checkpoint["classes"]]
+    if precision == "int8":  # find (and decode) the images first: fail before the slow part
+        calibration_images, agreement_images = _int8_images(
+            source, Path(calibration) if calibration else None,
+            calibration_count=calibration_count, agreement_count=agreement_count,
+        )
     onnx_metadata = {**metadata, "labels": classes}
     with tempfile.TemporaryDirectory(prefix="vgg-export-") as scratch:
         work = Path(scratch)
@@ -299,9 +303,8 @@ def export_checkpoint(
             checks |= _check_fp16(files["model.fp16.onnx"], images, fp32_probs)
         elif precision == "int8":
             checks |= _make_int8(
-                files["model.onnx"], files["model.int8.onnx"], source, calibration=Path(calibration) if calibration else None,
-                calibration_count=calibration_count, agreement_count=agreement_count, min_agreement=min_agreement,
-                metadata=onnx_metadata,
+                files["model.onnx"], files["model.int8.onnx"], calibration_images=calibration_images,
+                agreement_images=agreement_images, min_agreement=min_agreement, metadata=onnx_metadata,
             )
         classes_file = work / registry.CLASSES_FILE
         classes_file.write_text(json.dumps(classes), encoding="utf-8")

@@ -3,7 +3,7 @@
 An entry holds ``model.onnx`` (fp32, always), ``model.fp16.onnx`` / ``model.int8.onnx`` when
 exported with that precision, and ``classes.json``; its ``metadata`` has cfg, batch_norm,
 num_classes, scale, crop, mean, std, tta, precisions, checkpoint_sha256 and val_top1.
-The store is ``$BENTOML_HOME/models`` (default ``~/bentoml``).
+The store is ``$BENTOML_HOME/models`` (default ``~/bentoml/models``), read at each call.
 
 CLI: ``python -m export.registry --check`` exits 0 if a ``vgg`` model is registered, else 1.
 """
@@ -44,6 +44,18 @@ def _bentoml():
     return bentoml
 
 
+def _store():
+    """The model store under ``$BENTOML_HOME`` read *now* (BentoML caches its own on first use,
+    so a test or CLI that changes ``BENTOML_HOME`` later would otherwise hit the old store)."""
+    _bentoml()
+    from bentoml._internal.models import ModelStore
+
+    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml").expanduser()
+    models = home / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    return ModelStore(str(models))
+
+
 def register(*, files: Mapping[str, Path], labels: Mapping[str, str], metadata: Mapping[str, Any]) -> str:
     """Save ``files`` (name in the entry -> existing file) as a new ``vgg`` model; return its tag.
 
@@ -51,7 +63,9 @@ def register(*, files: Mapping[str, Path], labels: Mapping[str, str], metadata: 
     the ``with`` block ends without an exception, so a failed copy leaves nothing behind.
     """
     bentoml = _bentoml()
-    with bentoml.models.create(name=MODEL_NAME, labels=dict(labels), metadata=dict(metadata)) as model:
+    with bentoml.models.create(
+        name=MODEL_NAME, labels=dict(labels), metadata=dict(metadata), _model_store=_store()
+    ) as model:
         for name, source in files.items():
             shutil.copyfile(source, model.path_of(name))
     return str(model.tag)
@@ -59,14 +73,14 @@ def register(*, files: Mapping[str, Path], labels: Mapping[str, str], metadata: 
 
 def latest_model(tag: str = f"{MODEL_NAME}:latest"):
     """The ``bentoml.Model`` for ``tag`` (default ``vgg:latest``); raises ``bentoml.exceptions.NotFound``."""
-    return _bentoml().models.get(tag)
+    return _bentoml().models.get(tag, _model_store=_store())
 
 
 def has_model() -> bool:
     """Whether any ``vgg`` model is in the store."""
     bentoml = _bentoml()
     try:
-        return bool(bentoml.models.list(MODEL_NAME))
+        return bool(bentoml.models.list(MODEL_NAME, _model_store=_store()))
     except bentoml.exceptions.NotFound:
         return False
 

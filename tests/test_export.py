@@ -1,0 +1,194 @@
+"""Export: graph vs the torchvision reference, metadata, fp16, registration (issue 4)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export import ExportError, export_checkpoint, registry
+from export.check import random_images, run_onnx, session
+from export.graph import InferenceGraph, crop_offsets
+from export.onnx_io import OPSET, read_metadata, to_onnx
+from export.reference import reference_probs
+from export_helpers import CROP, MEAN, SCALE, STD, peaky_model, write_checkpoint
+
+CLASSES = ["cat", "dog", "fish", "bird", "frog"]
+
+
+@pytest.fixture(autouse=True)
+def bentoml_home(tmp_path, monkeypatch):
+    home = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+    return home
+
+
+@pytest.fixture(scope="module")
+def model():
+    return peaky_model(num_classes=len(CLASSES))
+
+
+@pytest.fixture(scope="module")
+def sessions(model):
+    """tta/scale -> ORT session of the exported graph (exported once per module)."""
+    cache = {}
+
+    def get(tta: str, scale: int, batch_norm_model=None):
+        key = (tta, scale, batch_norm_model is not None)
+        if key not in cache:
+            graph = InferenceGraph(batch_norm_model or model, mean=MEAN, std=STD, crop=CROP, scale=scale, tta=tta)
+            proto = to_onnx(graph)
+            onnx.checker.check_model(proto, full_check=True)
+            cache[key] = session(proto)
+        return cache[key]
+
+    return get
+
+
+def test_crop_offsets_follow_torchvision_fivecrop_order():
+    # TL, TR, BL, BR, centre; centre uses torchvision's int(round((37 - 32) / 2)) == 2
+    assert crop_offsets(scale=37, crop=32, tta="five") == [(0, 0), (0, 5), (5, 0), (5, 5), (2, 2)]
+    assert crop_offsets(scale=37, crop=32, tta="center") == [(2, 2)]
+    with pytest.raises(ValueError, match="larger"):
+        crop_offsets(scale=30, crop=32, tta="five")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tta", "scale"), [("five", SCALE), ("ten", SCALE), ("center", SCALE), ("dense", SCALE), ("dense", 64)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_matches_torchvision_reference(sessions, model, tta, scale, batch):
+    images = random_images(batch, scale=scale, seed=batch)
+    probs = run_onnx(sessions(tta, scale), images)
+    reference = reference_probs(model, images, mean=MEAN, std=STD, crop=CROP, tta=tta)
+    assert probs.shape == (batch, len(CLASSES)) and probs.dtype == np.float32
+    assert reference.max() > 0.5, "model too flat for the comparison to mean anything"
+    assert np.abs(probs - reference).max() <= 1e-4
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_graph_with_batch_norm_matches_reference(sessions):
+    bn_model = peaky_model(num_classes=len(CLASSES), batch_norm=True, seed=1)
+    images = random_images(3, scale=SCALE, seed=7)
+    probs = run_onnx(sessions("five", SCALE, bn_model), images)
+    reference = reference_probs(bn_model, images, mean=MEAN, std=STD, crop=CROP, tta="five")
+    assert np.abs(probs - reference).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_comparison_detects_a_different_crop_set(sessions, model):
+    """The 1e-4 check is sensitive: five crops are not the centre crop, nor unnormalised input."""
+    images = random_images(3, scale=SCALE, seed=3)
+    probs = run_onnx(sessions("five", SCALE), images)
+    centre_only = reference_probs(model, images, mean=MEAN, std=STD, crop=CROP, tta="center")
+    unnormalised = reference_probs(model, images, mean=[0.0] * 3, std=[1.0] * 3, crop=CROP, tta="five")
+    assert np.abs(probs - centre_only).max() > 1e-3
+    assert np.abs(probs - unnormalised).max() > 1e-3
+
+
+def test_graph_interface_is_uint8_nhwc_to_float32_with_dynamic_batch(model):
+    proto = to_onnx(InferenceGraph(model, mean=MEAN, std=STD, crop=CROP, scale=SCALE, tta="center"))
+    (graph_input,), (graph_output,) = proto.graph.input, proto.graph.output
+    assert graph_input.name == "images" and graph_output.name == "probs"
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert graph_output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    in_dims = graph_input.type.tensor_type.shape.dim
+    assert in_dims[0].dim_param and [d.dim_value for d in in_dims[1:]] == [SCALE, SCALE, 3]
+    assert [d.dim_value for d in graph_output.type.tensor_type.shape.dim[1:]] == [len(CLASSES)]
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {OPSET}
+
+
+@pytest.mark.slow
+def test_export_registers_self_describing_model(tmp_path, model, bentoml_home):
+    checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
+    out = tmp_path / "plain" / "vgg.onnx"
+    result = export_checkpoint(checkpoint, tta="center", out=out)
+
+    expected = {"cfg": "A", "batch_norm": False, "num_classes": 5, "scale": SCALE, "crop": CROP, "mean": MEAN,
+                "std": STD, "tta": "center", "val_top1": 0.42}
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    props = read_metadata(out)
+    assert props == {**expected, "labels": CLASSES, "precision": "fp32", "checkpoint_sha256": sha}
+    assert result.checks["fp32_max_abs_diff"] <= 1e-4 and result.onnx_path == out
+
+    assert registry.has_model() and str(bentoml_home) in str(registry.latest_model().path)
+    entry = registry.latest_model()
+    assert str(entry.tag) == result.tag
+    assert entry.info.metadata == {**expected, "precisions": ["fp32"], "checkpoint_sha256": sha}
+    assert entry.info.labels["cfg"] == "A"
+    assert registry.model_classes(entry) == CLASSES
+    assert set(registry.model_files(entry)) == {"fp32"}
+    assert read_metadata(registry.model_files(entry)["fp32"]) == props
+
+    images = random_images(2, scale=SCALE, seed=11)
+    stored = run_onnx(session(registry.model_files(entry)["fp32"]), images)
+    reference = reference_probs(model, images, mean=MEAN, std=STD, crop=CROP, tta="center")
+    assert np.abs(stored - reference).max() <= 1e-4
+
+
+@pytest.mark.slow
+def test_fp16_graph_keeps_uint8_in_float32_out(tmp_path, model):
+    checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
+    result = export_checkpoint(checkpoint, precision="fp16", tta="five", scale=40)
+
+    entry = registry.latest_model()
+    assert entry.info.metadata["precisions"] == ["fp32", "fp16"] and entry.info.metadata["scale"] == 40
+    fp16_path = registry.model_files(entry)["fp16"]
+    assert result.onnx_path == fp16_path and result.checks["fp16_top1_agreement"] == 1.0
+    proto = onnx.load(str(fp16_path))
+    conv_weights = {node.input[1] for node in proto.graph.node if node.op_type == "Conv"}
+    weight_types = {init.data_type for init in proto.graph.initializer if init.name in conv_weights}
+    assert len(conv_weights) == 8 and weight_types == {onnx.TensorProto.FLOAT16}
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert read_metadata(proto)["precision"] == "fp16"
+
+    # The CPU provider of onnxruntime 1.31 runs fp16 Conv/Gemm: compare with fp32.
+    images = random_images(3, scale=40, seed=5)
+    fp16 = run_onnx(session(fp16_path), images)
+    fp32 = run_onnx(session(registry.model_files(entry)["fp32"]), images)
+    assert fp16.dtype == np.float32
+    assert (fp16.argmax(axis=1) == fp32.argmax(axis=1)).all()
+    assert np.abs(fp16 - fp32).max() < 2e-2
+
+
+@pytest.mark.slow
+def test_failed_check_registers_nothing(tmp_path, model, monkeypatch):
+    checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
+    out = tmp_path / "vgg.onnx"
+
+    def wrong_reference(*args, **kwargs):
+        return np.full((len(args[1]), len(CLASSES)), 1.0 / len(CLASSES))
+
+    monkeypatch.setattr("export.core.reference_probs", wrong_reference)
+    with pytest.raises(ExportError, match=r"differs from the PyTorch reference: max abs diff .* > 0.0001"):
+        export_checkpoint(checkpoint, tta="center", out=out)
+    assert not registry.has_model()
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tta": "twelve"}, "unknown tta"),
+    ({"precision": "int4"}, "unknown precision"),
+    ({"register": False}, "nothing to do"),
+    ({"scale": 16}, "smaller than the crop"),
+])
+def test_bad_arguments_raise_export_error(tmp_path, model, kwargs, message):
+    checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
+    with pytest.raises(ExportError, match=message):
+        export_checkpoint(checkpoint, **kwargs)
+    assert not registry.has_model()
+
+
+def test_registry_check_cli_reflects_the_store(tmp_path, model):
+    assert registry.main(["--check"]) == 1
+    files = {"model.onnx": tmp_path / "m.onnx", "classes.json": tmp_path / "c.json"}
+    files["model.onnx"].write_bytes(b"placeholder")
+    files["classes.json"].write_text(json.dumps(CLASSES))
+    tag = registry.register(files=files, labels={"cfg": "A"}, metadata={"cfg": "A", "precisions": ["fp32"]})
+    assert registry.main(["--check"]) == 0
+    assert str(registry.latest_model().tag) == tag

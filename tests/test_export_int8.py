@@ -1,0 +1,81 @@
+"""int8 export (QDQ, per-channel) of a small trained model: agreement with fp32 (issue 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from export import ExportError, export_checkpoint, registry
+from export.check import image_files, load_graph_inputs, run_onnx, session
+from export_helpers import CLASS_COLOURS, SCALE, train_on_folder, write_checkpoint, write_colour_folder
+
+CALIBRATION = 24
+AGREEMENT = 60
+
+
+@pytest.fixture(autouse=True)
+def bentoml_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(checkpoint, data root): VGG-A trained a few steps on three colour classes."""
+    root = write_colour_folder(tmp_path_factory.mktemp("colours"), per_class=(CALIBRATION + AGREEMENT) // 3 + 4)
+    model = train_on_folder(root)
+    checkpoint = write_checkpoint(tmp_path_factory.mktemp("run") / "best.pt", model,
+                                  classes=list(CLASS_COLOURS), data=root)
+    return checkpoint, root
+
+
+@pytest.mark.slow
+def test_int8_agrees_with_fp32_and_is_registered(trained, capsys):
+    checkpoint, root = trained
+    result = export_checkpoint(checkpoint, precision="int8", calibration_count=CALIBRATION,
+                               agreement_count=AGREEMENT)
+    assert result.checks["int8_top1_agreement"] >= 0.99
+    assert result.checks["int8_agreement_images"] == AGREEMENT
+    assert "int8 top-1 agreement with fp32" in capsys.readouterr().out
+
+    entry = registry.latest_model()
+    files = registry.model_files(entry)
+    assert set(files) == {"fp32", "int8"} and entry.info.metadata["precisions"] == ["fp32", "int8"]
+    proto = onnx.load(str(files["int8"]))
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops.count("QuantizeLinear") >= 8 and ops.count("DequantizeLinear") >= 8  # QDQ format
+    initializers = {init.name: init for init in proto.graph.initializer}
+    weight_dq = [node for node in proto.graph.node if node.op_type == "DequantizeLinear"
+                 and initializers.get(node.input[0]) is not None
+                 and initializers[node.input[0]].data_type == onnx.TensorProto.INT8]
+    assert weight_dq, "no int8 weights"
+    for node in weight_dq:  # per-channel: one scale per output channel
+        weights = numpy_helper.to_array(initializers[node.input[0]])
+        scales = numpy_helper.to_array(initializers[node.input[1]])
+        assert scales.ndim == 1 and len(scales) == weights.shape[0] > 1
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+    # The trained model separates the classes, and int8 keeps that.
+    files_by_class = image_files(root / "train")[:30]
+    labels = np.array([list(CLASS_COLOURS).index(p.parent.name) for p in files_by_class])
+    images = load_graph_inputs(files_by_class, scale=SCALE)
+    int8 = run_onnx(session(files["int8"]), images)
+    assert (int8.argmax(axis=1) == labels).mean() >= 0.9
+
+
+@pytest.mark.slow
+def test_int8_below_threshold_fails_and_registers_nothing(trained):
+    checkpoint, _ = trained
+    with pytest.raises(ExportError, match="below the required"):
+        export_checkpoint(checkpoint, precision="int8", calibration_count=8, agreement_count=12,
+                          min_agreement=1.01)
+    assert not registry.has_model()
+
+
+def test_int8_without_enough_images_fails(trained):
+    checkpoint, _ = trained
+    with pytest.raises(ExportError, match="int8 needs 500 calibration"):
+        export_checkpoint(checkpoint, precision="int8", calibration_count=500)
+    assert not registry.has_model()
