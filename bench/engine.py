@@ -1,0 +1,236 @@
+"""Inference engine benchmark: the exported VGG graph in ONNX Runtime vs PyTorch eager (issue 4).
+
+Builds VGG-D (paper configuration D, fc 4096, 1000 classes, random weights: speed does not
+depend on the values), exports it with :mod:`export` exactly as a checkpoint would be (uint8
+``[N, Q, Q, 3]`` in, FiveCrop + softmax + mean inside the graph), and times, on the same
+uint8 images, one run each:
+
+- PyTorch eager, the export's reference pipeline (:func:`export.reference.reference_probs`:
+  torchvision FiveCrop per image, normalise, model, softmax, mean), and the batched eager
+  graph (:class:`export.graph.InferenceGraph` in PyTorch) for context;
+- ONNX Runtime CPU: fp32, and int8 (QDQ, per-channel, calibrated on ``--calibration`` images);
+- with a CUDA GPU: ORT CUDA fp32 and fp16 with IO binding (input and output on the device),
+  and PyTorch eager on the GPU.
+
+It prints images/s, the ratios the issue asks for (fp32 ORT / PyTorch, int8 / fp32) and the
+achieved GFLOP/s against an estimate of the machine's peak. VGG-D costs 15.47 GMAC per
+224x224 crop (paper Table 2's D, counted in ``MACS_PER_CROP``), 5 crops per image.
+
+Usage: ``python bench/engine.py --batch 8 --iters 3`` (a few minutes on 2 cores);
+``--cfg A --crop 64`` for a quick smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import vgg  # noqa: E402
+from export.check import random_images  # noqa: E402
+from export.graph import InferenceGraph  # noqa: E402
+from export.onnx_io import save_onnx, to_onnx  # noqa: E402
+from export.reference import reference_probs  # noqa: E402
+from vgg.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, default_test_scale  # noqa: E402
+
+MACS_PER_CROP = {"D": 15.47e9}  # at 224x224; other configs/crops are counted with a hook
+CROPS_PER_IMAGE = 5
+
+
+def count_macs(model: torch.nn.Module, crop: int) -> float:
+    """Multiply-accumulates of one forward pass on a ``crop x crop`` image (conv + linear)."""
+    total = 0
+
+    def conv_hook(module, inputs, output):
+        nonlocal total
+        kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        total += output.numel() * kernel
+
+    def linear_hook(module, inputs, output):
+        nonlocal total
+        total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, crop, crop))
+    for handle in handles:
+        handle.remove()
+    return float(total)
+
+
+def cpu_peak_gflops(threads: int) -> tuple[float, float, str]:
+    """(fp32 peak, int8 peak, how) in GFLOP/s (int8: GOP/s) from /proc/cpuinfo.
+
+    Peak = cores x clock x FLOP/cycle. FLOP/cycle per core: 2 FMA units x (16 fp32 lanes with
+    AVX-512, 8 with AVX2) x 2; int8 with AVX512-VNNI (vpdpbusd): 4x the fp32 MAC rate. The
+    clock is the highest ``cpu MHz`` reported (nominal; turbo and AVX-512 down-clocking differ).
+    The unit count (2 FMA units) is an assumption for server Xeons; one unit halves the peak.
+    """
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(re.search(r"^flags\s*:\s*(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
+    mhz = max((float(v) for v in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)), default=2000.0)
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    fp32_per_cycle = 2 * lanes * 2
+    int8_per_cycle = fp32_per_cycle * (4 if "avx512_vnni" in flags or "avx_vnni" in flags else 2)
+    fp32 = threads * mhz / 1e3 * fp32_per_cycle
+    int8 = threads * mhz / 1e3 * int8_per_cycle
+    how = (f"{threads} cores x {mhz / 1e3:.2f} GHz x {fp32_per_cycle} FLOP/cycle "
+           f"({'AVX-512' if lanes == 16 else 'AVX2' if lanes == 8 else 'SSE'}, 2 FMA units assumed"
+           f"{', VNNI int8 x4' if int8_per_cycle == 4 * fp32_per_cycle else ''})")
+    return fp32, int8, how
+
+
+def images_per_second(run, images: np.ndarray, *, batch: int, iters: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        run(images[:batch])
+    start = time.perf_counter()
+    for i in range(iters):
+        run(images[(i * batch) % len(images):][:batch])
+    return batch * iters / (time.perf_counter() - start)
+
+
+def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def export_graph(model, *, crop: int, scale: int, half: bool, path: Path) -> Path:
+    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=crop, scale=scale,
+                           tta="five", half=half)
+    with contextlib.redirect_stdout(io.StringIO()):
+        proto = to_onnx(graph)
+    return save_onnx(proto, path, full_check=False)
+
+
+def bench_cuda(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_per_image: float) -> None:
+    """ORT CUDA fp32/fp16 with IO binding vs PyTorch eager on the GPU."""
+    device = torch.device("cuda")
+    print("\n== CUDA:", torch.cuda.get_device_name(0))
+    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=args.crop, scale=args.scale,
+                           tta="five").to(device).eval()
+    on_device = torch.from_numpy(images).to(device)
+
+    def torch_run(batch):
+        with torch.inference_mode():
+            graph(on_device[: len(batch)])
+        torch.cuda.synchronize()
+
+    results = {"pytorch eager fp32": images_per_second(torch_run, images, batch=args.batch, iters=args.iters)}
+    for precision in ("fp32", "fp16"):
+        sess = ort.InferenceSession(str(paths[precision]), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        binding = sess.io_binding()
+        input_value = ort.OrtValue.ortvalue_from_numpy(images[: args.batch], "cuda", 0)
+        binding.bind_ortvalue_input("images", input_value)
+        binding.bind_output("probs", "cuda", 0)
+
+        def ort_run(batch, sess=sess, binding=binding):
+            binding.synchronize_inputs()
+            sess.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+
+        results[f"ORT CUDA {precision} (IO binding)"] = images_per_second(ort_run, images, batch=args.batch,
+                                                                          iters=args.iters)
+    for name, rate in results.items():
+        print(f"{name:32s} {rate:9.1f} images/s  {rate * macs_per_image * 2 / 1e12:7.2f} TFLOP/s")
+    base = results["pytorch eager fp32"]
+    print(f"ratio ORT CUDA fp32 / PyTorch eager: {results['ORT CUDA fp32 (IO binding)'] / base:.2f}")
+    print(f"ratio ORT CUDA fp16 / ORT CUDA fp32: "
+          f"{results['ORT CUDA fp16 (IO binding)'] / results['ORT CUDA fp32 (IO binding)']:.2f}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cfg", default="D", choices=vgg.CONFIG_NAMES)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--scale", type=int, default=None, help="Q (default: 256 for 224)")
+    parser.add_argument("--batch", type=int, default=8, help="images per run (x5 crops)")
+    parser.add_argument("--iters", type=int, default=3, help="timed runs per engine")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--calibration", type=int, default=4, help="int8 calibration images (random)")
+    parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--no-cuda", action="store_true")
+    args = parser.parse_args(argv)
+    args.scale = args.scale or default_test_scale(args.crop)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = vgg.build(args.cfg, num_classes=1000, init="kaiming").eval()
+    macs_per_crop = MACS_PER_CROP.get(args.cfg) if args.crop == 224 else None
+    macs_per_crop = macs_per_crop or count_macs(model, args.crop)
+    macs_per_image = macs_per_crop * CROPS_PER_IMAGE
+    images = random_images(max(args.batch * 2, args.calibration), scale=args.scale, seed=1)
+    fp32_peak, int8_peak, how = cpu_peak_gflops(args.threads)
+    print(f"VGG-{args.cfg}, FiveCrop {args.crop} from {args.scale}x{args.scale}: {macs_per_crop / 1e9:.2f} GMAC/crop, "
+          f"batch {args.batch}, {args.iters} timed runs, {args.threads} threads, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}; CPU peak estimate: {fp32_peak:.0f} GFLOP/s fp32, "
+          f"{int8_peak:.0f} GOP/s int8 = {how}")
+
+    with tempfile.TemporaryDirectory(prefix="vgg-bench-") as scratch:
+        paths = {"fp32": export_graph(model, crop=args.crop, scale=args.scale, half=False,
+                                      path=Path(scratch) / "model.onnx")}
+        if not args.no_int8:
+            from export.quantize import quantize_int8
+
+            paths["int8"] = quantize_int8(paths["fp32"], Path(scratch) / "model.int8.onnx",
+                                          calibration_images=images[: args.calibration])
+        mean, std = IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+        results = {
+            "pytorch eager reference": images_per_second(
+                lambda b: reference_probs(model, b, mean=mean, std=std, crop=args.crop, tta="five"),
+                images, batch=args.batch, iters=args.iters),
+        }
+        eager = InferenceGraph(model, mean=mean, std=std, crop=args.crop, scale=args.scale, tta="five").eval()
+
+        def eager_run(batch):
+            with torch.inference_mode():
+                eager(torch.from_numpy(batch))
+
+        results["pytorch eager batched graph"] = images_per_second(eager_run, images, batch=args.batch, iters=args.iters)
+        for precision, path in paths.items():
+            sess = cpu_session(path, args.threads)
+            results[f"ORT CPU {precision}"] = images_per_second(
+                lambda b, sess=sess: sess.run(None, {"images": b}), images, batch=args.batch, iters=args.iters)
+
+        print(f"\n{'engine':32s} {'images/s':>9s}  {'GFLOP/s':>8s}  {'of peak':>7s}")
+        for name, rate in results.items():
+            gflops = rate * macs_per_image * 2 / 1e9
+            peak = int8_peak if "int8" in name else fp32_peak
+            print(f"{name:32s} {rate:9.2f}  {gflops:8.1f}  {gflops / peak:7.1%}")
+        reference = results["pytorch eager reference"]
+        print(f"\nratio ORT fp32 / PyTorch eager reference: {results['ORT CPU fp32'] / reference:.2f} (target >= 2.0)")
+        print(f"ratio ORT fp32 / PyTorch eager batched:   {results['ORT CPU fp32'] / results['pytorch eager batched graph']:.2f}")
+        if "ORT CPU int8" in results:
+            print(f"ratio ORT int8 / ORT fp32:                {results['ORT CPU int8'] / results['ORT CPU fp32']:.2f} "
+                  f"(target >= 2.5 with AVX512-VNNI)")
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+        if cuda and not args.no_cuda:
+            paths["fp16"] = export_graph(model, crop=args.crop, scale=args.scale, half=True,
+                                         path=Path(scratch) / "model.fp16.onnx")
+            bench_cuda(model, paths, images, args=args, macs_per_image=macs_per_image)
+        else:
+            print("\nno CUDA GPU (or no CUDA provider): GPU path skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
