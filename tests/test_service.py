@@ -258,6 +258,24 @@ def test_classify_batch_keeps_order(server, exported) -> None:
         assert_answer_matches(answer, direct_probs(exported, to_graph_input(image, exported["scale"])))
 
 
+def test_python_client(server, exported) -> None:
+    import bentoml
+
+    image = noise_image((45, 52), seed=13, colour=(90, 200, 120))
+    path = exported["root"] / "client.png"
+    image.save(path)
+    expected = direct_probs(exported, to_graph_input(image, exported["scale"]))
+    with bentoml.SyncHTTPClient(server["url"]) as client:
+        answer = client.classify(image=path, top_k=10)
+        answers = client.classify_batch(images=[path, path], top_k=3)
+        with pytest.raises(bentoml.exceptions.BentoMLException, match="not a readable image"):
+            client.classify(image=REPO_ROOT / "bentofile.yaml")
+    assert_answer_matches(answer, expected)
+    assert len(answers) == 2
+    for one in answers:
+        assert_answer_matches(one, expected, top_k=3)
+
+
 # ---------------------------------------------------------------- concurrency and batching
 
 
