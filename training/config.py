@@ -1,0 +1,89 @@
+"""The training recipe as one dataclass; every default is the paper's (section 3.1 unless noted).
+
+"The batch size was set to 256, momentum to 0.9. The training was regularised by weight
+decay (the L2 penalty multiplier set to 5e-4) and dropout regularisation for the first two
+fully-connected layers (dropout ratio set to 0.5). The learning rate was initially set to
+1e-2, and then decreased by a factor of 10 when the validation set accuracy stopped
+improving. In total, the learning rate was decreased 3 times, and the learning was stopped
+after 370K iterations (74 epochs)."
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from vgg.model import FC_WIDTH
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # -- model (Table 1) --
+    cfg: str = "D"  # the paper's 16-layer configuration D
+    batch_norm: bool = False  # the paper has no BatchNorm (it predates it)
+    fc_width: int = FC_WIDTH  # section 2.1: FC layers of 4096 channels
+    dropout: float = 0.5  # section 3.1: dropout 0.5 on the first two FC layers
+    # None = the paper's choice: "paper" (N(0, 1e-2)) for A / A-LRN or with init_from,
+    # "glorot" for deeper nets from scratch (section 3.1, final paragraph on initialisation).
+    init: str | None = None
+    init_from: str | None = None  # section 3.1: deeper nets start from a trained net A
+    # -- optimiser (section 3.1) --
+    batch_size: int = 256  # "the batch size was set to 256"
+    momentum: float = 0.9  # "momentum to 0.9"
+    weight_decay: float = 5e-4  # "L2 penalty multiplier set to 5e-4"
+    lr: float = 1e-2  # "the learning rate was initially set to 1e-2"
+    lr_factor: float = 0.1  # "decreased by a factor of 10"
+    lr_patience: int = 2  # epochs without improvement before a decrease (the paper does not say)
+    lr_max_decreases: int = 3  # "the learning rate was decreased 3 times"
+    epochs: int = 74  # "stopped after 370K iterations (74 epochs)"
+    # -- training images (section 3.1, "Training image size") --
+    scale: tuple[int, ...] = (256,)  # S: fixed 256 (or 384), or jittered [Smin, Smax] = [256, 512]
+    crop: int = 224  # "a fixed-size 224x224 RGB image"
+    augment: bool = True  # random crop, horizontal flip and RGB colour shift (AlexNet's)
+    pca_std: float = 0.1  # AlexNet's colour shift: alpha ~ N(0, 0.1) per image and component
+    stats_images: int = 1000  # training images sampled for the mean/std/PCA statistics
+    # -- evaluation (section 3.2) --
+    eval_dense: bool = False  # dense multi-scale evaluation, Q in {S-32, S, S+32} with flips
+    # -- data --
+    data: str | None = None  # ImageNet-style folder with train/ and optional val/
+    dataset: str | None = None  # cifar10 | stl10 | imagenette (torchvision downloaders)
+    val_split: float = 0.1  # fraction of train/ held out when there is no val/
+    # -- running --
+    seed: int = 0
+    amp: bool = False  # bf16 autocast (the paper trained in fp32)
+    workers: int | None = None  # DataLoader workers; None: 0 on CPU, min(8, cores) on GPU
+    device: str = "auto"  # CUDA if present, else CPU
+    out: str | None = None  # run directory; default runs/<cfg>-<timestamp>
+    log_every: int = 0  # also log every N training steps (0: only per epoch)
+    export: bool = True  # export best.pt to ONNX and register it in BentoML at the end
+
+    @property
+    def scale_range(self) -> tuple[int, int]:
+        """(Smin, Smax); equal for a fixed training scale."""
+        return (self.scale[0], self.scale[-1])
+
+    @property
+    def test_scale(self) -> int:
+        """Single-scale test Q (section 4.1): Q = S, or 0.5 (Smin + Smax) for jittered S."""
+        smin, smax = self.scale_range
+        return (smin + smax) // 2
+
+    def resolved_init(self) -> str:
+        """The paper's initialisation when none is asked for (section 3.1)."""
+        if self.init is not None:
+            return self.init
+        if self.init_from is not None or self.cfg in ("A", "A-LRN"):
+            return "paper"
+        return "glorot"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (lists, not tuples), for config.json and the checkpoint."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {key: value for key, value in values.items() if key in known}
+        if "scale" in kwargs:
+            kwargs["scale"] = tuple(kwargs["scale"])
+        return cls(**kwargs)

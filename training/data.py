@@ -1,0 +1,195 @@
+"""Image data: ImageNet-style folders, torchvision downloads, the generated demo set.
+
+Every source ends up as a folder ``ROOT/train/<class>/*`` (and optionally ``ROOT/val/``),
+so export's calibration and any later run can read it back from ``config["data"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vgg.preprocessing import ImageDecodeError, open_rgb
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+DOWNLOADABLE = ("cifar10", "stl10", "imagenette")
+
+
+class DataError(ValueError):
+    """A data argument that cannot be used; the message is one line for the CLI."""
+
+
+Sample = tuple[str, int]  # (path, class index)
+
+
+@dataclass(frozen=True)
+class Splits:
+    root: Path
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+
+
+def cache_dir() -> Path:
+    """Where generated and downloaded data live: ``$VGG_CACHE`` or ``~/.cache/vggnet``."""
+    return Path(os.environ.get("VGG_CACHE") or Path.home() / ".cache" / "vggnet")
+
+
+def list_image_folder(folder: Path) -> tuple[list[str], list[Sample]]:
+    """Class names (sorted sub-folder names) and samples of ``folder/<class>/<image>``."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise DataError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
+    samples: list[Sample] = []
+    for index, name in enumerate(classes):
+        files = sorted(
+            str(path) for path in (folder / name).rglob("*")
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        )
+        if not files:
+            raise DataError(f"{folder / name}: class folder has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+        samples += [(path, index) for path in files]
+    return classes, samples
+
+
+def stratified_split(targets: list[int], *, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, val): ``fraction`` of each class to val (at least one image of any
+    class with two or more), drawn with a seeded generator. Both lists are sorted."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"--val-split must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    targets_array = np.asarray(targets)
+    train, val = [], []
+    for label in np.unique(targets_array):
+        members = np.flatnonzero(targets_array == label)
+        rng.shuffle(members)
+        count = round(len(members) * fraction)
+        count = min(max(count, 1 if len(members) > 1 else 0), len(members) - 1)
+        val += members[:count].tolist()
+        train += members[count:].tolist()
+    return sorted(train), sorted(val)
+
+
+def folder_splits(root: Path, *, val_split: float, seed: int) -> Splits:
+    """``root/train`` and ``root/val`` if present, else a stratified split of ``root/train``."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    classes, samples = list_image_folder(root / "train")
+    if (root / "val").is_dir():
+        val_classes, val = list_image_folder(root / "val")
+        if val_classes != classes:
+            raise DataError(f"{root}: val/ classes differ from train/ classes")
+        return Splits(root=root, classes=classes, train=samples, val=val)
+    train_idx, val_idx = stratified_split([label for _, label in samples], fraction=val_split, seed=seed)
+    return Splits(root=root, classes=classes, train=[samples[i] for i in train_idx], val=[samples[i] for i in val_idx])
+
+
+def download_dataset(name: str) -> Path:
+    """Download ``name`` with torchvision and write it as an image folder under the cache.
+
+    Raises :class:`DataError` when the download fails (e.g. no internet access).
+    """
+    if name not in DOWNLOADABLE:
+        raise DataError(f"unknown --dataset {name!r}; choose one of {', '.join(DOWNLOADABLE)}")
+    destination = cache_dir() / "datasets" / name
+    if (destination / ".complete").exists():
+        return destination
+    import torchvision.datasets as tvd
+
+    raw = cache_dir() / "downloads" / name
+    try:
+        if name == "cifar10":
+            train, val = tvd.CIFAR10(raw, train=True, download=True), tvd.CIFAR10(raw, train=False, download=True)
+        elif name == "stl10":
+            train, val = tvd.STL10(raw, split="train", download=True), tvd.STL10(raw, split="test", download=True)
+        else:
+            train = tvd.Imagenette(raw, split="train", size="320px", download=True)
+            val = tvd.Imagenette(raw, split="val", size="320px", download=False)
+    except Exception as error:  # noqa: BLE001 - any download failure becomes one line
+        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+        raise DataError(
+            f"cannot download {name} ({reason}): this machine has no internet access; "
+            f"put the images in DIR/train/<class>/ (and optionally DIR/val/<class>/) and pass --data DIR"
+        ) from None
+    _write_image_folder({"train": train, "val": val}, destination)
+    return destination
+
+
+def _write_image_folder(splits: dict, destination: Path) -> None:
+    temporary = destination.with_name(destination.name + f".tmp{os.getpid()}")
+    for split, dataset in splits.items():
+        classes = [str(c) if isinstance(c, str) else str(c[0]) for c in getattr(dataset, "classes", [])]
+        for index in range(len(dataset)):
+            image, label = dataset[index]
+            name = classes[label] if classes else str(label)
+            folder = temporary / split / name.replace("/", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            image.convert("RGB").save(folder / f"{index:06d}.png")
+    (temporary / ".complete").touch()
+    os.replace(temporary, destination)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """``(path, label)`` samples decoded with :func:`vgg.preprocessing.open_rgb` (any mode to RGB).
+
+    An unreadable file is reported once (path and reason) and yields ``None``, which
+    :func:`collate_skipping` drops from the batch, so an epoch never stops on a bad file.
+    """
+
+    def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], object]) -> None:
+        self.samples, self.transform = samples, transform
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = open_rgb(path)
+        except (ImageDecodeError, OSError) as error:
+            if path not in self._reported:
+                self._reported.add(path)
+                log.warning("skipping unreadable image %s: %s", path, error)
+            return None
+        return self.transform(image), label
+
+
+def collate_skipping(batch: list):
+    """Default collation of the readable samples (an empty batch gives ``None``)."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
+    return torch.utils.data.default_collate(batch)
+
+
+def collate_lists(batch: list):
+    """For dense evaluation: images of different sizes stay a list."""
+    batch = [item for item in batch if item is not None]
+    return batch or None
+
+
+def sample_images(samples: list[Sample], *, count: int, scale: int, seed: int) -> list[Image.Image]:
+    """Up to ``count`` readable training images, shortest side rescaled to ``scale``."""
+    from vgg.preprocessing import resize_shortest_side
+
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(len(samples))[:count]
+    images = []
+    for index in chosen:
+        try:
+            images.append(resize_shortest_side(open_rgb(samples[index][0]), scale))
+        except (ImageDecodeError, OSError) as error:
+            log.warning("skipping unreadable image %s: %s", samples[index][0], error)
+    return images

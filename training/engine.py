@@ -1,0 +1,149 @@
+"""One training epoch and the validation passes (paper, sections 3.1 and 3.2)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from vgg import to_dense
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    top1: float  # training accuracy on the augmented crops
+    images: int
+    seconds: float
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA or CPU, or nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _progress(iterable, *, total: int, description: str, enabled: bool):
+    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+    epoch: int,
+    show_progress: bool = True,
+    log_every: int = 0,
+) -> EpochStats:
+    """One pass over ``loader`` with mini-batch SGD; returns the mean loss and accuracy
+    (summed over all ranks when distributed)."""
+    import time
+
+    model.train()
+    start = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    seen = torch.zeros((), dtype=torch.float64, device=device)
+    bar = _progress(loader, total=len(loader), description=f"epoch {epoch}", enabled=show_progress)
+    for step, batch in enumerate(bar, start=1):
+        if batch is None:
+            continue
+        images, labels = batch
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch} step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().double() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().double()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}", acc=f"{(correct / seen).item():.3f}")
+        if log_every and step % log_every == 0:
+            log.info("epoch %d step %d/%d loss %.4f", epoch, step, len(loader), (loss_sum / seen).item())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for total in (loss_sum, correct, seen):
+            torch.distributed.all_reduce(total)
+    images_seen = int(seen.item())
+    return EpochStats(
+        loss=(loss_sum / max(images_seen, 1)).item(),
+        top1=(correct / max(images_seen, 1)).item(),
+        images=images_seen,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def topk_correct(probabilities: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    k = min(k, probabilities.shape[1])
+    return int((probabilities.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device, amp: bool, channels_last: bool,
+             show_progress: bool = True) -> dict[str, float]:
+    """Top-1/top-5 accuracy with the single centre crop and with FiveCrop (softmax averaged
+    over the five crops, the TTA the service runs)."""
+    model.eval()
+    counts = {"center_top1": 0, "center_top5": 0, "five_top1": 0, "five_top5": 0}
+    total = 0
+    for batch in _progress(loader, total=len(loader), description="val", enabled=show_progress):
+        if batch is None:
+            continue
+        (center, five), labels = batch
+        n = len(labels)
+        images = torch.cat([center, five.flatten(0, 1)]).to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            probabilities = model(images).float().softmax(dim=1).cpu()
+        center_probs = probabilities[:n]
+        five_probs = probabilities[n:].view(n, 5, -1).mean(dim=1)
+        for name, probs in (("center", center_probs), ("five", five_probs)):
+            counts[f"{name}_top1"] += topk_correct(probs, labels, 1)
+            counts[f"{name}_top5"] += topk_correct(probs, labels, 5)
+        total += n
+    return {key: value / max(total, 1) for key, value in counts.items()}
+
+
+@torch.no_grad()
+def evaluate_dense(model: nn.Module, loader, *, crop: int, device: torch.device, amp: bool) -> dict[str, float]:
+    """Section 3.2: the FC layers as convolutions on the whole image at each scale Q, class
+    scores averaged spatially, softmax averaged over scales and horizontal flips."""
+    dense = to_dense(model, crop=crop).eval()
+    correct1 = correct5 = total = 0
+    for batch in loader:
+        if batch is None:
+            continue
+        for views, label in batch:
+            probabilities = []
+            for image in views:
+                x = image.unsqueeze(0).to(device)
+                with autocast(device, amp):
+                    for flipped in (x, x.flip(3)):
+                        probabilities.append(dense(flipped).float().softmax(dim=1).cpu())
+            mean = torch.cat(probabilities).mean(dim=0, keepdim=True)
+            correct1 += topk_correct(mean, torch.tensor([label]), 1)
+            correct5 += topk_correct(mean, torch.tensor([label]), 5)
+            total += 1
+    return {"dense_top1": correct1 / max(total, 1), "dense_top5": correct5 / max(total, 1)}

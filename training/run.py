@@ -1,0 +1,468 @@
+"""``python -m training.run --cfg D``: train a VGG with the paper's recipe (section 3.1),
+validate every epoch (section 3.2), checkpoint, and export the best model for serving.
+
+Without ``--data``/``--dataset`` it trains on the generated demo data set. Several
+processes: ``torchrun --nproc-per-node N -m training.run ...`` (DDP; nccl on GPU, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+import vgg
+from training import data as datasets
+from training.config import TrainConfig
+from training.demo import DEMO_OVERRIDES, ensure_demo_data
+from training.engine import evaluate, evaluate_dense, train_one_epoch
+from training.lr import PlateauState, plateau_step
+from training.transforms import DensePreset, EvalPreset, Stats, TrainPreset, dense_scales, pixel_stats
+from vgg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+
+log = logging.getLogger("training")
+
+INITS = ("paper", "glorot", "kaiming")
+DEMO_HINT = (
+    "trained on the built-in DEMO data (generated shapes, not real photos). To train on real data: "
+    "python -m training.run --cfg D --data DIR  (DIR/train/<class>/*.jpg, optional DIR/val/<class>/)"
+)
+
+
+class UsageError(ValueError):
+    """A bad argument found after parsing; one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Flags map one to one onto :class:`TrainConfig` fields (defaults: the paper's values).
+
+    Unset flags are absent from the namespace (``argparse.SUPPRESS``), so the demo's own
+    geometry only fills in what the user did not choose.
+    """
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0],
+                                argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = p.add_argument_group("model (paper, Table 1)")
+    model.add_argument("--cfg", choices=vgg.CONFIG_NAMES, help=f"configuration (default {d.cfg})")
+    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each conv (not in the paper)")
+    model.add_argument("--fc-width", type=int, help=f"width of the two hidden FC layers (default {d.fc_width})")
+    model.add_argument("--dropout", type=float, help=f"dropout of the first two FC layers (default {d.dropout})")
+    model.add_argument("--init", choices=INITS, help="weight init (default: paper for A/A-LRN or with --init-from, glorot otherwise)")
+    model.add_argument("--init-from", metavar="CKPT", help="pre-initialise from a trained net A checkpoint (section 3.1)")
+    optim = p.add_argument_group("optimiser (paper, section 3.1)")
+    optim.add_argument("--batch-size", type=int, help=f"global mini-batch (default {d.batch_size})")
+    optim.add_argument("--momentum", type=float, help=f"(default {d.momentum})")
+    optim.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    optim.add_argument("--lr", type=float, help=f"initial learning rate (default {d.lr})")
+    optim.add_argument("--lr-factor", type=float, help=f"LR multiplier on a plateau (default {d.lr_factor})")
+    optim.add_argument("--lr-patience", type=int, help=f"epochs without val improvement before a decrease (default {d.lr_patience})")
+    optim.add_argument("--lr-max-decreases", type=int, help=f"(default {d.lr_max_decreases})")
+    optim.add_argument("--epochs", type=int, help=f"(default {d.epochs}; demo: {DEMO_OVERRIDES['epochs']})")
+    images = p.add_argument_group("training images (paper, section 3.1)")
+    images.add_argument("--scale", type=int, nargs="+", metavar="S",
+                        help="training scale S: one value (fixed) or SMIN SMAX (jitter) (default 256)")
+    images.add_argument("--crop", type=int, help=f"crop size (default {d.crop})")
+    images.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop, flip and colour shift (default on)")
+    images.add_argument("--pca-std", type=float, help=f"std of the PCA colour shift alphas (default {d.pca_std})")
+    images.add_argument("--stats-images", type=int, help=f"images sampled for mean/std/PCA (default {d.stats_images})")
+    images.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, help="dense multi-scale evaluation (section 3.2)")
+    source = p.add_argument_group("data")
+    source.add_argument("--data", metavar="DIR", help="ImageNet-style folder: DIR/train/<class>/*, optional DIR/val/<class>/*")
+    source.add_argument("--dataset", choices=datasets.DOWNLOADABLE, help="download with torchvision (needs internet)")
+    source.add_argument("--val-split", type=float, help=f"held-out fraction of train/ without val/ (default {d.val_split})")
+    running = p.add_argument_group("running")
+    running.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    running.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default off; demo: on where the CPU has bf16)")
+    running.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, min(8, cores) on GPU)")
+    running.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
+    running.add_argument("--out", metavar="DIR", help="run directory (default runs/<cfg>-<timestamp>)")
+    running.add_argument("--resume", action="store_true", default=False, help="continue from DIR/last.pt of --out")
+    running.add_argument("--log-every", type=int, help="also log every N steps")
+    running.add_argument("--export", action=argparse.BooleanOptionalAction, help="export + register best.pt at the end (default on)")
+    return p
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The resolved configuration and whether it trains on the demo data."""
+    given = {key: value for key, value in vars(args).items() if key != "resume"}
+    if "scale" in given:
+        given["scale"] = tuple(given["scale"])
+    demo = given.get("data") is None and given.get("dataset") is None
+    base = TrainConfig()
+    if demo:
+        base = dataclasses.replace(base, **DEMO_OVERRIDES, amp=cpu_has_bf16() or torch.cuda.is_available())
+    return dataclasses.replace(base, **given), demo
+
+
+def validate(config: TrainConfig, *, world_size: int) -> None:
+    if len(config.scale) not in (1, 2) or config.scale_range[0] > config.scale_range[1]:
+        raise UsageError(f"--scale takes S or SMIN SMAX with SMIN <= SMAX, got {list(config.scale)}")
+    if config.crop < 32 or config.scale_range[0] < config.crop:
+        raise UsageError(f"need 32 <= --crop <= S, got crop {config.crop} and S {list(config.scale)}")
+    if config.batch_size < 1 or config.batch_size % world_size:
+        raise UsageError(f"--batch-size {config.batch_size} must be a positive multiple of the {world_size} processes")
+    if config.epochs < 1 or config.fc_width < 1 or config.lr <= 0:
+        raise UsageError("--epochs, --fc-width and --lr must be positive")
+    if config.data is not None and config.dataset is not None:
+        raise UsageError("give --data or --dataset, not both")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device_name: str) -> Runtime:
+    """Device auto-selection; process group from torchrun's environment variables."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device=device, rank=rank, world_size=world_size)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain lists (loadable with ``weights_only=True``)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resolve_data(config: TrainConfig) -> TrainConfig:
+    """Materialise the demo set or a download as a folder; ``config.data`` points at it."""
+    if config.data is not None:
+        return dataclasses.replace(config, data=str(Path(config.data).resolve()))
+    if config.dataset is not None:
+        return dataclasses.replace(config, data=str(datasets.download_dataset(config.dataset)))
+    return dataclasses.replace(config, data=str(ensure_demo_data()))
+
+
+def compute_stats(config: TrainConfig, train: list[datasets.Sample]) -> Stats:
+    images = datasets.sample_images(train, count=config.stats_images, scale=config.test_scale, seed=config.seed)
+    return pixel_stats(images, seed=config.seed)
+
+
+def build_model(config: TrainConfig, *, num_classes: int) -> tuple[nn.Module, str]:
+    init = config.resolved_init()
+    model = vgg.build(config.cfg, num_classes=num_classes, batch_norm=config.batch_norm,
+                      dropout=config.dropout, init=init, fc_width=config.fc_width)
+    if config.init_from is not None:
+        source = vgg.checkpoint.model_from_checkpoint(load_checkpoint(config.init_from))
+        try:
+            vgg.init_from_shallower(model, source)
+        except ValueError as error:
+            raise UsageError(f"--init-from {config.init_from}: {error}") from None
+        init = f"{init} + first 4 convs and 3 FC layers from {config.init_from}"
+    return model, init
+
+
+def make_loaders(config: TrainConfig, splits: datasets.Splits, stats: Stats, runtime: Runtime):
+    workers = config.workers
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if runtime.device.type == "cuda" else 0
+    common = {"num_workers": workers, "pin_memory": runtime.device.type == "cuda",
+              "persistent_workers": workers > 0}
+    train_set = datasets.ImageDataset(splits.train, TrainPreset(
+        scale_range=config.scale_range, crop=config.crop, stats=stats, pca_std=config.pca_std, augment=config.augment))
+    # The same sampler in one process or many: the global batch is the same set of images.
+    sampler = DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank,
+                                 shuffle=True, seed=config.seed)
+    train_loader = DataLoader(train_set, batch_size=config.batch_size // runtime.world_size, sampler=sampler,
+                              collate_fn=datasets.collate_skipping, **common)
+    val_set = datasets.ImageDataset(splits.val, EvalPreset(test_scale=config.test_scale, crop=config.crop, stats=stats))
+    val_loader = DataLoader(val_set, batch_size=max(1, config.batch_size // 5), collate_fn=datasets.collate_skipping, **common)
+    dense_loader = None
+    if config.eval_dense:
+        dense_set = datasets.ImageDataset(splits.val, DensePreset(scales=dense_scales(config.scale_range, config.crop), stats=stats))
+        dense_loader = DataLoader(dense_set, batch_size=8, collate_fn=datasets.collate_lists, num_workers=workers)
+    return sampler, train_loader, val_loader, dense_loader
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_top1_err", "center_top1_err", "center_top5_err",
+                  "five_top1_err", "five_top5_err", "dense_top1_err", "dense_top5_err", "seconds")
+
+
+def write_metrics(history: list[dict[str, Any]], out: Path) -> None:
+    with open(out / "metrics.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss, top-1 error and learning rate per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, error_axis, lr_axis) = plt.subplots(1, 3, figsize=(13, 3.6))
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    loss_axis.set(title="training loss", xlabel="epoch")
+    for key, label in (("train_top1_err", "train"), ("center_top1_err", "val centre crop"), ("five_top1_err", "val FiveCrop")):
+        error_axis.plot(epochs, [row[key] for row in history], marker="o", label=label)
+    if history and history[0].get("dense_top1_err") not in (None, ""):
+        error_axis.plot(epochs, [row["dense_top1_err"] for row in history], marker="o", label="val dense")
+    error_axis.set(title="top-1 error", xlabel="epoch")
+    error_axis.legend()
+    lr_axis.plot(epochs, [row["lr"] for row in history], marker="o")
+    lr_axis.set(title="learning rate", xlabel="epoch", yscale="log")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def checkpoint_dict(*, config: TrainConfig, model: nn.Module, optimizer, rule: PlateauState, epoch: int,
+                    classes: list[str], stats: Stats, history: list[dict[str, Any]], init: str) -> dict[str, Any]:
+    """The schema of :mod:`vgg.checkpoint`, plus the resume state."""
+    last = history[-1]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "arch": {"cfg": config.cfg, "batch_norm": config.batch_norm, "num_classes": len(classes),
+                 "dropout": config.dropout, "fc_width": config.fc_width},
+        "model": {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()},
+        "classes": list(classes),
+        "preprocess": {**dataclasses.asdict(stats), "crop": config.crop, "test_scale": config.test_scale},
+        "metrics": {"epoch": epoch, "val_top1": 1 - last["five_top1_err"], "val_top5": 1 - last["five_top5_err"],
+                    "center_top1": 1 - last["center_top1_err"], "center_top5": 1 - last["center_top5_err"],
+                    "train_loss": last["train_loss"]},
+        "config": {**config.to_dict(), "init_used": init},
+        "optimizer": optimizer.state_dict(),
+        "lr_rule": rule.to_dict(),
+        "epoch": epoch,
+        "rng": rng_state(),
+        "history": history,
+    }
+
+
+def default_out(cfg: str) -> Path:
+    return Path("runs") / f"{cfg}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args: argparse.Namespace) -> int:
+    runtime = setup_runtime(getattr(args, "device", "auto"))
+    if not runtime.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    resume_state = None
+    if args.resume:
+        if getattr(args, "out", None) is None:
+            raise UsageError("--resume needs --out DIR (the run to continue)")
+        resume_state = load_checkpoint(Path(args.out) / "last.pt")
+        config, demo = TrainConfig.from_dict(resume_state["config"]), False
+        log.info("resuming %s after epoch %d with its saved configuration", args.out, resume_state["epoch"])
+    else:
+        config, demo = config_from_args(args)
+        config = resolve_data(config)
+    validate(config, world_size=runtime.world_size)
+    out = Path(config.out) if config.out else default_out(config.cfg)
+    config = dataclasses.replace(config, out=str(out))
+
+    splits = datasets.folder_splits(Path(config.data), val_split=config.val_split, seed=config.seed)
+    if not splits.val:
+        raise UsageError(f"{config.data}: no validation images (add val/ or more images per class)")
+    if demo:
+        log.info("DEMO: %s", DEMO_HINT)
+    stats = Stats(**{k: resume_state["preprocess"][k] for k in ("mean", "std", "pca_eigval", "pca_eigvec")}) \
+        if resume_state else compute_stats(config, splits.train)
+
+    seed_everything(config.seed + runtime.rank)
+    model, init = build_model(config, num_classes=len(splits.classes))
+    model.to(runtime.device)
+    channels_last = runtime.device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    rule, start_epoch, history = PlateauState(lr=config.lr), 1, []
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        rule = PlateauState.from_dict(resume_state["lr_rule"])
+        start_epoch, history = resume_state["epoch"] + 1, list(resume_state["history"])
+        init = resume_state["config"].get("init_used", init)
+        set_rng_state(resume_state["rng"])
+    train_model = nn.parallel.DistributedDataParallel(model) if runtime.distributed else model
+
+    log.info("VGG-%s%s, %d classes, %d train / %d val images from %s", config.cfg, "-BN" if config.batch_norm else "",
+             len(splits.classes), len(splits.train), len(splits.val), config.data)
+    log.info("init: %s | device %s x%d | amp %s | S %s crop %d Q %d | batch %d lr %g momentum %g wd %g dropout %g",
+             init, runtime.device, runtime.world_size, "bf16" if config.amp else "off", list(config.scale), config.crop,
+             config.test_scale, config.batch_size, rule.lr, config.momentum, config.weight_decay, config.dropout)
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(__import__("json").dumps({**config.to_dict(), "init_used": init}, indent=2) + "\n")
+
+    sampler, train_loader, val_loader, dense_loader = make_loaders(config, splits, stats, runtime)
+    best_top1 = max((1 - row["five_top1_err"] for row in history), default=-1.0)
+    for epoch in range(start_epoch, config.epochs + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = rule.lr
+        sampler.set_epoch(epoch)
+        train = train_one_epoch(train_model, train_loader, optimizer, device=runtime.device, amp=config.amp,
+                                channels_last=channels_last, epoch=epoch, show_progress=runtime.is_main,
+                                log_every=config.log_every)
+        row: dict[str, Any] = {"epoch": epoch, "lr": rule.lr, "train_loss": train.loss, "train_top1_err": 1 - train.top1}
+        if runtime.is_main:
+            row.update(evaluate_epoch(model, val_loader, dense_loader, config=config, runtime=runtime,
+                                      channels_last=channels_last))
+        val_top1 = broadcast_float(1 - row.get("five_top1_err", 0.0), runtime)
+        row["seconds"] = round(train.seconds, 1)
+        history.append(row)
+        rule = plateau_step(rule, val_top1=val_top1, patience=config.lr_patience, factor=config.lr_factor,
+                            max_decreases=config.lr_max_decreases)
+        if runtime.is_main:
+            log_epoch(row, train, rule)
+            ckpt = checkpoint_dict(config=config, model=model, optimizer=optimizer, rule=rule, epoch=epoch,
+                                   classes=splits.classes, stats=stats, history=history, init=init)
+            save_checkpoint(ckpt, out / "last.pt")
+            if val_top1 > best_top1:
+                best_top1 = val_top1
+                save_checkpoint(ckpt, out / "best.pt")
+            write_metrics(history, out)
+            plot_history(history, out / "curves.png")
+        if runtime.distributed:
+            dist.barrier()
+
+    if runtime.is_main:
+        log.info("done: best val top-1 %.2f%% (FiveCrop); run directory %s", 100 * best_top1, out)
+        if demo:
+            log.info("DEMO: %s", DEMO_HINT)
+        if config.export:
+            export_best(out / "best.pt")
+    if runtime.distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+def evaluate_epoch(model, val_loader, dense_loader, *, config: TrainConfig, runtime: Runtime,
+                   channels_last: bool) -> dict[str, float]:
+    accuracy = evaluate(model, val_loader, device=runtime.device, amp=config.amp, channels_last=channels_last)
+    if dense_loader is not None:
+        accuracy.update(evaluate_dense(model, dense_loader, crop=config.crop, device=runtime.device, amp=config.amp))
+    return {f"{key}_err": 1 - value for key, value in accuracy.items()}
+
+
+def broadcast_float(value: float, runtime: Runtime) -> float:
+    """Rank 0's value on every rank (the LR rule must agree everywhere)."""
+    if not runtime.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return float(holder[0])
+
+
+def log_epoch(row: dict[str, Any], train, rule: PlateauState) -> None:
+    dense = f" dense {100 * row['dense_top1_err']:.2f}/{100 * row['dense_top5_err']:.2f}" if "dense_top1_err" in row else ""
+    log.info("epoch %d | lr %.0e | train loss %.4f err %.2f%% | val top-1/top-5 err: centre %.2f/%.2f FiveCrop %.2f/%.2f%s"
+             " | %.0f img/s%s", row["epoch"], row["lr"], row["train_loss"], 100 * row["train_top1_err"],
+             100 * row["center_top1_err"], 100 * row["center_top5_err"], 100 * row["five_top1_err"],
+             100 * row["five_top5_err"], dense, train.images / max(train.seconds, 1e-9),
+             f" | next lr {rule.lr:.0e}" if rule.lr != row["lr"] else "")
+
+
+def export_best(best: Path) -> None:
+    """Export and register ``best`` as the served model (the export package's API)."""
+    try:
+        from export import ExportError, export_checkpoint
+    except ImportError as error:
+        raise RuntimeError(f"cannot export: {error}; rerun with --no-export, then python -m export") from None
+    try:
+        result = export_checkpoint(best, register=True)
+    except ExportError as error:
+        raise RuntimeError(f"export of {best} failed: {error}") from None
+    log.info("exported %s -> %s, registered in BentoML as %s", best, result.onnx_path, result.tag)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    args = get_args_parser().parse_args(argv)
+    try:
+        return main(args)
+    except (UsageError, datasets.DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if "export" not in str(error):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
