@@ -127,10 +127,21 @@ class VGGClassifier:
         self.metrics.observe(len(images))
         return list(probs)
 
-    async def _classify_paths(self, paths: Sequence[Path], top_k: int) -> list[Classification]:
+    async def _preprocess(self, path: Path, *, position: int | None) -> np.ndarray:
+        """Decode one upload in a worker thread; in a batch, errors name the image's position."""
+        try:
+            return await asyncio.to_thread(
+                preprocess_upload, path, scale=self.engine.scale, max_pixels=self.settings.max_pixels
+            )
+        except ApiError as error:
+            if position is None:
+                raise
+            raise ApiError(error.status, f"images[{position}]: {error.message}") from None
+
+    async def _classify_paths(self, paths: Sequence[Path], top_k: int, *, batch: bool) -> list[Classification]:
         self.check_top_k(top_k)
         arrays = await asyncio.gather(
-            *(asyncio.to_thread(preprocess_upload, path, scale=self.engine.scale, max_pixels=self.settings.max_pixels) for path in paths)
+            *(self._preprocess(path, position=index if batch else None) for index, path in enumerate(paths))
         )
         probs = await asyncio.gather(*(self._submit(array) for array in arrays))
         return [classification(row, top_k=top_k, labels=self.engine.labels, model=self.engine.tag) for row in probs]
@@ -143,7 +154,7 @@ class VGGClassifier:
     async def classify(self, image: Path, top_k: int = 5) -> Classification:
         """Classify one image (JPEG, PNG, WebP, BMP, GIF first frame, TIFF)."""
         try:
-            (answer,) = await self._classify_paths([image], top_k)
+            (answer,) = await self._classify_paths([image], top_k, batch=False)
         except ApiError as error:
             return error_response(error)  # type: ignore[return-value]
         return answer
@@ -158,7 +169,7 @@ class VGGClassifier:
                 raise ApiError(
                     413, f"{len(images)} images in one request, limit is {self.settings.max_images_per_request}"
                 )
-            return await self._classify_paths(images, top_k)
+            return await self._classify_paths(images, top_k, batch=True)
         except ApiError as error:
             return error_response(error)  # type: ignore[return-value]
 

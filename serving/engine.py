@@ -164,7 +164,7 @@ class Engine:
         if want_cuda:
             graph = files.fp16_path or files.onnx_path
             providers: list[Any] = [
-                ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True}),
+                ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}),
                 "CPUExecutionProvider",
             ]
         else:

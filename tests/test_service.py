@@ -298,7 +298,7 @@ def test_64_concurrent_requests_are_fused_into_fewer_onnx_runtime_calls(server, 
         assert_answer_matches(response.json(), direct_probs(exported, to_graph_input(image, exported["scale"])))
     calls = metric(server, "vgg_inference_calls_total") - calls_before
     assert metric(server, "vgg_inference_images_total") - images_before == 64
-    assert calls < 64, f"64 requests took {calls:.0f} ONNX Runtime calls: nothing was batched"
+    assert calls <= 32, f"64 requests took {calls:.0f} ONNX Runtime calls: batches of under 2 on average"
 
 
 # ---------------------------------------------------------------- bad input: 4xx JSON, never 500
@@ -435,7 +435,7 @@ def test_batch_limits(server) -> None:
     one_bad = [("images", ("good.png", png)), ("images", ("bad.txt", b"not an image"))]
     response = server["client"].post("/classify_batch", files=one_bad)
     assert response.status_code == 400, response.text
-    assert "not a readable image" in response.json()["error"]
+    assert response.json()["error"].startswith("images[1]: not a readable image")
 
 
 def test_server_is_healthy_after_everything(server, exported) -> None:
