@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if "int8_top1_agreement" in result.checks:
+        print(f"int8 top-1 agreement with fp32: {result.checks['int8_top1_agreement']:.2%} on "
+              f"{result.checks['int8_agreement_images']} images not used for calibration")
+    if "fp16_max_abs_diff" in result.checks:
+        print(f"fp16 vs fp32: top-1 agreement {result.checks['fp16_top1_agreement']:.2%}, "
+              f"max abs diff {result.checks['fp16_max_abs_diff']:.3g}")
     checks = ", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in result.checks.items())
     print(f"checks: {checks}")
     if result.tag:

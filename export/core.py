@@ -37,7 +37,7 @@ FP32_TOLERANCE = 1e-4  # max abs difference of probabilities, ORT vs the PyTorch
 REAL_CHECK_IMAGES = 8
 RANDOM_CHECK_IMAGES = 4
 FP16_MARGIN = 1e-3  # fp16 must agree on top-1 wherever fp32's top-2 margin is at least this
-INT8_CALIBRATION_IMAGES = 256
+INT8_CALIBRATION_IMAGES = 128
 INT8_AGREEMENT_IMAGES = 500
 INT8_MIN_AGREEMENT = 0.99
 
@@ -235,7 +235,7 @@ def _make_int8(
     int8 = check.run_onnx(check.session(out_path), agreement_images)
     agreement = check.top1_agreement(int8, fp32)
     message = f"int8 top-1 agreement with fp32: {agreement:.2%} on {len(agreement_images)} images not used for calibration"
-    print(message)
+    logger.info(message)
     if agreement < min_agreement:
         raise ExportError(f"{message}, below the required {min_agreement:.0%}")
     return {"int8_top1_agreement": agreement, "int8_agreement_images": len(agreement_images),

@@ -90,6 +90,7 @@ def test_comparison_detects_a_different_crop_set(sessions, model):
     assert np.abs(probs - unnormalised).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_graph_interface_is_uint8_nhwc_to_float32_with_dynamic_batch(model):
     proto = to_onnx(InferenceGraph(model, mean=MEAN, std=STD, crop=CROP, scale=SCALE, tta="center"))
     (graph_input,), (graph_output,) = proto.graph.input, proto.graph.output
