@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel
 from starlette.responses import JSONResponse
 
-from serving.batching import make_dispatcher
+from serving.batching import BatchDispatcher
 from serving.engine import Engine, EngineError, check_model, load_engine, warm_up_sizes
 from serving.guard import RequestGuard
 from serving.images import ApiError, preprocess_upload
@@ -91,9 +91,10 @@ class VGGClassifier:
             self.engine.tag, self.engine.provider, self.settings.max_batch_size, self.settings.max_latency_ms,
         )
         self.metrics = inference_metrics(max_batch_size=self.settings.max_batch_size)
-        self._submit = make_dispatcher(
+        self._dispatcher = BatchDispatcher(
             self.infer_batch, max_batch_size=self.settings.max_batch_size, max_latency_ms=self.settings.max_latency_ms
         )
+        self._submit = self._dispatcher.submit
         self._inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgg-ort")
         self._ready = False
 
@@ -108,6 +109,7 @@ class VGGClassifier:
             await self._submit(blank)
         for size in sizes:
             await asyncio.gather(*(self._submit(blank) for _ in range(size)))
+        self._dispatcher.forget_queueing()
         self._ready = True
         logger.info("warmed up on batch sizes %s: ready", sizes)
 

@@ -5,19 +5,21 @@ A batchable ``@bentoml.api`` called from another endpoint of the same service go
 BentoML's self-proxy, which re-serialises its arguments as JSON over an in-process HTTP call
 (about 1 MB of text for one 256x256x3 image). Both endpoints instead submit the decoded
 uint8 array directly to the same dispatcher class, with the same adaptive algorithm: it
-learns the batch cost ``a * n + b`` online and waits for more requests only while that
-keeps latency low; requests that cannot finish within ``max_latency_ms`` get a 503.
+learns the batch cost ``a * n + b`` online, waits for more requests only while the recent
+queueing delay says that pays off, keeps at most one batch in flight, and answers requests
+that cannot finish within ``max_latency_ms`` with a 503.
 """
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Sequence, TypeVar
+import collections
+from typing import Awaitable, Callable, Generic, Sequence, TypeVar
 
 from bentoml._internal.marshal.dispatcher import CorkDispatcher  # pinned: bentoml==1.4.40
 
 from serving.images import ApiError
 
-__all__ = ["make_dispatcher"]
+__all__ = ["BatchDispatcher"]
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -27,14 +29,29 @@ def _overloaded() -> None:
     raise ApiError(503, "overloaded: the request could not be served within the latency limit, retry later")
 
 
-def make_dispatcher(
-    infer_batch: Callable[[Sequence[In]], Awaitable[Sequence[Out]]], *, max_batch_size: int, max_latency_ms: int
-) -> Callable[[In], Awaitable[Out]]:
-    """``submit(item)`` that queues ``item``; ``infer_batch`` receives the batches formed."""
-    dispatcher = CorkDispatcher(
-        max_latency_in_ms=max_latency_ms,
-        max_batch_size=max_batch_size,
-        fallback=_overloaded,
-        get_batch_size=lambda item: 1,
-    )
-    return dispatcher(infer_batch)
+class BatchDispatcher(Generic[In, Out]):
+    """``await dispatcher.submit(item)`` queues ``item``; ``infer_batch`` receives the batches."""
+
+    def __init__(
+        self,
+        infer_batch: Callable[[Sequence[In]], Awaitable[Sequence[Out]]],
+        *,
+        max_batch_size: int,
+        max_latency_ms: int,
+    ) -> None:
+        self._cork = CorkDispatcher(
+            max_latency_in_ms=max_latency_ms,
+            max_batch_size=max_batch_size,
+            fallback=_overloaded,
+            get_batch_size=lambda item: 1,
+        )
+        self.submit: Callable[[In], Awaitable[Out]] = self._cork(infer_batch)
+
+    def forget_queueing(self) -> None:
+        """Keep the learnt batch cost, drop the queueing delays seen so far (after warm-up,
+        whose bursts would otherwise make the first real requests wait for company)."""
+        optimizer = self._cork.optimizer
+        optimizer.o_stat = collections.deque(
+            ((n, duration, 0.0) for n, duration, _ in optimizer.o_stat), maxlen=optimizer.o_stat.maxlen
+        )
+        optimizer.wait = 0.0
