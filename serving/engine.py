@@ -146,12 +146,32 @@ def _cuda_usable() -> bool:
     return True
 
 
+def _open_session(files: ModelFiles, *, cuda: bool, intra_op_threads: int | None) -> tuple[Any, Path]:
+    """CUDA: the fp16 graph when there is one, exhaustive cuDNN algorithm search. CPU: the
+    fp32 graph, one intra-op thread per physical core, sequential execution."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if cuda:
+        graph = files.fp16_path or files.onnx_path
+        providers: list[Any] = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+    else:
+        graph = files.onnx_path
+        options.intra_op_num_threads = intra_op_threads or physical_cores()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        providers = ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(graph), sess_options=options, providers=providers), graph
+    except Exception as error:  # ORT raises its own exception types
+        raise EngineError(f"{graph}: cannot create an ONNX Runtime session ({str(error).splitlines()[0][:200]})") from None
+
+
 class Engine:
     """An ORT session over the exported graph, with the model's labels and input size."""
 
     def __init__(self, files: ModelFiles, *, device: str = "auto", intra_op_threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         if device not in ("auto", "cuda", "cpu"):
             raise EngineError(f"device must be auto, cuda or cpu, not {device!r}")
         self.files = files
@@ -159,35 +179,21 @@ class Engine:
         self.labels = files.labels
         self.scale = files.scale
         want_cuda = device == "cuda" or (device == "auto" and _cuda_usable())
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if want_cuda:
-            graph = files.fp16_path or files.onnx_path
-            providers: list[Any] = [
-                ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}),
-                "CPUExecutionProvider",
-            ]
-        else:
-            graph = files.onnx_path
-            options.intra_op_num_threads = intra_op_threads or physical_cores()
-            options.inter_op_num_threads = 1
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            providers = ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(graph), sess_options=options, providers=providers)
-        except Exception as error:
-            raise EngineError(f"{graph}: cannot create an ONNX Runtime session ({str(error).splitlines()[0][:200]})") from None
-        self.graph_path = graph
+        self.session, self.graph_path = _open_session(files, cuda=want_cuda, intra_op_threads=intra_op_threads)
         self.provider = self.session.get_providers()[0]
-        if device == "cuda" and self.provider != "CUDAExecutionProvider":
-            raise EngineError("a GPU was required but ONNX Runtime could not use CUDA")
+        if want_cuda and self.provider != "CUDAExecutionProvider":
+            if device == "cuda":
+                raise EngineError("a GPU was required but ONNX Runtime could not use CUDA (see its log above)")
+            logger.warning("ONNX Runtime could not use CUDA: falling back to the CPU")
+            self.session, self.graph_path = _open_session(files, cuda=False, intra_op_threads=intra_op_threads)
+            self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.num_classes = len(self.labels)
         self._gpu_batch_sizes: list[int] = []  # fixed shapes the GPU session was tuned for
         logger.info(
             "engine: %s on %s (%s), input %dx%d, %d classes",
-            self.tag, self.provider, graph.name, self.scale, self.scale, self.num_classes,
+            self.tag, self.provider, self.graph_path.name, self.scale, self.scale, self.num_classes,
         )
 
     @property

@@ -476,3 +476,14 @@ def test_engine_refuses_missing_models(tmp_path) -> None:
 @pytest.mark.parametrize(("max_batch", "sizes"), [(2, [1, 2]), (16, [1, 2, 4, 8, 16]), (24, [1, 2, 4, 8, 16, 24])])
 def test_warm_up_sizes(max_batch, sizes) -> None:
     assert warm_up_sizes(max_batch) == sizes
+
+
+def test_engine_on_a_machine_without_gpu_refuses_cuda_and_uses_the_cpu(exported) -> None:
+    from serving.engine import _cuda_usable
+
+    if _cuda_usable():
+        pytest.skip("this machine has a usable GPU")
+    files = resolve_model(str(exported["onnx"]))
+    with pytest.raises(EngineError, match="a GPU was required"):
+        Engine(files, device="cuda")
+    assert Engine(files).provider == "CPUExecutionProvider"
