@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,10 @@ class ApiError(Exception):
         self.message = message
 
 
-def image_format(path: Path) -> str | None:
+def image_format(data: bytes) -> str | None:
     """The format named by the file's header, or None when PIL does not recognise it."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             return image.format
     except Exception:  # unreadable: open_rgb names the problem
         return None
@@ -39,13 +40,14 @@ def preprocess_upload(path: Path, *, scale: int, max_pixels: int) -> np.ndarray:
     Raises :class:`ApiError`: 400 not an image / empty / truncated, 413 too many pixels,
     415 an image format the API does not take.
     """
-    if path.stat().st_size == 0:
+    data = path.read_bytes()
+    if not data:
         raise ApiError(400, "empty file: the upload has no bytes")
-    found = image_format(path)
+    found = image_format(data)
     if found is not None and found not in SUPPORTED_FORMATS:
         raise ApiError(415, f"unsupported image format {found}; send JPEG, PNG, WebP, BMP, GIF or TIFF")
     try:
-        return to_graph_input(open_rgb(path, max_pixels=max_pixels), scale)
+        return to_graph_input(open_rgb(data, max_pixels=max_pixels), scale)
     except ImageTooLarge as error:
         raise ApiError(413, f"image too large: {error}") from None
     except ImageDecodeError as error:

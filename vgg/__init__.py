@@ -41,11 +41,16 @@ if TYPE_CHECKING:
     from vgg.pretrain import init_from_shallower
 
 
+_SUBMODULES = ("checkpoint", "dense", "model", "preprocessing", "pretrain")
+
+
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULE_OF:
         value = getattr(importlib.import_module(_SUBMODULE_OF[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:  # `import vgg; vgg.model.X` worked when __init__ imported eagerly
+        return importlib.import_module(f"vgg.{name}")
     raise AttributeError(f"module 'vgg' has no attribute {name!r}")
 
 
