@@ -198,16 +198,18 @@ def _check_fp16(path: Path, images: np.ndarray, fp32_probs: np.ndarray) -> dict[
 
 
 def _int8_images(source: _Source, calibration: Path | None, *, calibration_count: int, agreement_count: int):
-    """Calibration and (disjoint) agreement images, decoded as the service would."""
-    if calibration is not None:
-        calibration_files = check.image_files(calibration)[:calibration_count]
-        pool = check.image_files(source.data_folder) if source.data_folder else []
-        used = {p.resolve() for p in calibration_files}
-        agreement_files = [p for p in pool if p.resolve() not in used][:agreement_count]
-    else:
-        pool = check.image_files(source.data_folder) if source.data_folder else []
-        calibration_files = pool[:calibration_count]
-        agreement_files = pool[calibration_count : calibration_count + agreement_count]
+    """Calibration and (disjoint) agreement images, decoded as the service would.
+
+    Both come from the training folder, in a fixed shuffled order; with ``calibration`` the
+    calibration images come from there and the agreement images from the training folder
+    (or, without one, from the rest of ``calibration``).
+    """
+    training = check.image_files(source.data_folder) if source.data_folder else []
+    calibration_pool = check.image_files(calibration) if calibration is not None else training
+    calibration_files = calibration_pool[:calibration_count]
+    used = {path.resolve() for path in calibration_files}
+    agreement_pool = training or calibration_pool
+    agreement_files = [path for path in agreement_pool if path.resolve() not in used][:agreement_count]
     if len(calibration_files) < calibration_count or len(agreement_files) < agreement_count:
         where = calibration or source.data_folder or "the checkpoint's config['data'] (absent)"
         raise ExportError(
@@ -243,13 +245,41 @@ def _make_int8(
 
 
 def _stage_out(model_file: Path, out: str | os.PathLike | None) -> Path | None:
+    """Copy ``model_file`` next to ``out`` under a hidden name (renamed once registered)."""
     if out is None:
         return None
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staged = out.with_name(f".{out.name}.partial")
-    shutil.copyfile(model_file, staged)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_file, staged)
+    except OSError as error:
+        staged.unlink(missing_ok=True)
+        raise ExportError(f"cannot write {out}: {error.strerror or error}") from None
     return staged
+
+
+def _publish(
+    entry_files: dict[str, Path], requested: Path, *, out: str | os.PathLike | None, register: bool,
+    metadata: dict[str, Any], labels: dict[str, str],
+) -> tuple[str | None, dict[str, Path]]:
+    """Register ``entry_files`` as one store entry and/or write ``requested`` to ``out``, all or nothing.
+
+    Returns the tag (``None`` when not registered) and ``{precision: path}`` of the written models.
+    """
+    staged_out = _stage_out(requested, out)
+    tag, paths = None, {}
+    try:
+        if register:
+            tag = registry.register(files=entry_files, labels=labels, metadata=metadata)
+            paths = registry.model_files(registry.latest_model(tag))
+    except Exception as error:  # BentoML raises its own types and OSError
+        if staged_out is not None:
+            staged_out.unlink(missing_ok=True)
+        raise ExportError(f"could not register in the BentoML store: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    if staged_out is not None:
+        os.replace(staged_out, out)
+    return tag, paths
 
 
 def export_checkpoint(
@@ -293,41 +323,26 @@ def export_checkpoint(
     onnx_metadata = {**metadata, "labels": classes}
     with tempfile.TemporaryDirectory(prefix="vgg-export-") as scratch:
         work = Path(scratch)
-        files = {name: work / name for p, name in registry.ONNX_FILES.items() if p in precisions}
+        files = {precision_name: work / registry.ONNX_FILES[precision_name] for precision_name in precisions}
         images = _check_inputs(source, check_images)
-        _write(_export_graph(source, tta=tta, half=False), files["model.onnx"], onnx_metadata, precision="fp32")
-        max_diff, fp32_probs = _check_fp32(files["model.onnx"], source, images, tta=tta)
+        _write(_export_graph(source, tta=tta, half=False), files["fp32"], onnx_metadata, precision="fp32")
+        max_diff, fp32_probs = _check_fp32(files["fp32"], source, images, tta=tta)
         checks: dict[str, Any] = {"fp32_max_abs_diff": max_diff, "check_images": len(images), "opset": OPSET}
         if precision == "fp16":
-            _write(_export_graph(source, tta=tta, half=True), files["model.fp16.onnx"], onnx_metadata, precision="fp16")
-            checks |= _check_fp16(files["model.fp16.onnx"], images, fp32_probs)
+            _write(_export_graph(source, tta=tta, half=True), files["fp16"], onnx_metadata, precision="fp16")
+            checks |= _check_fp16(files["fp16"], images, fp32_probs)
         elif precision == "int8":
             checks |= _make_int8(
-                files["model.onnx"], files["model.int8.onnx"], calibration_images=calibration_images,
+                files["fp32"], files["int8"], calibration_images=calibration_images,
                 agreement_images=agreement_images, min_agreement=min_agreement, metadata=onnx_metadata,
             )
         classes_file = work / registry.CLASSES_FILE
         classes_file.write_text(json.dumps(classes), encoding="utf-8")
         store_metadata = {**metadata, "precisions": precisions}
-        requested = files[registry.ONNX_FILES[precision]]
-        staged_out = _stage_out(requested, out)  # written next to out, renamed once registered
-        tag, paths = None, {}
-        try:
-            if register:
-                labels = {"cfg": metadata["cfg"], "tta": tta, "precisions": ",".join(precisions)}
-                tag = registry.register(
-                    files={**{path.name: path for path in files.values()}, registry.CLASSES_FILE: classes_file},
-                    labels=labels, metadata=store_metadata,
-                )
-                paths = registry.model_files(registry.latest_model(tag))
-        except BaseException:
-            if staged_out is not None:
-                staged_out.unlink(missing_ok=True)
-            raise
-        onnx_path = paths.get(precision, requested)
-        if staged_out is not None:
-            onnx_path = Path(out)
-            os.replace(staged_out, onnx_path)
-            paths.setdefault(precision, onnx_path)
+        entry_files = {**{path.name: path for path in files.values()}, registry.CLASSES_FILE: classes_file}
+        tag, paths = _publish(entry_files, files[precision], out=out, register=register, metadata=store_metadata,
+                              labels={"cfg": metadata["cfg"], "tta": tta, "precisions": ",".join(precisions)})
+    onnx_path = Path(out) if out is not None else paths[precision]
+    paths = paths or {precision: onnx_path}
     logger.info("exported %s (%s, tta=%s) -> %s", Path(checkpoint_path).name, "+".join(precisions), tta, tag or onnx_path)
     return ExportResult(tag=tag, onnx_path=onnx_path, metadata=store_metadata, paths=paths, checks=checks)

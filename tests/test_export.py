@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -193,3 +194,26 @@ def test_registry_check_cli_reflects_the_store(tmp_path, model):
     tag = registry.register(files=files, labels={"cfg": "A"}, metadata={"cfg": "A", "precisions": ["fp32"]})
     assert registry.main(["--check"]) == 0
     assert str(registry.latest_model().tag) == tag
+
+
+@pytest.mark.slow
+def test_registration_failing_midway_leaves_no_entry(tmp_path, model, monkeypatch, bentoml_home):
+    """BentoML discards an entry whose ``create`` block raised: no half-copied model in the store."""
+    checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
+    out = tmp_path / "vgg.onnx"
+    copied = []
+
+    class FailingSecondCopy:
+        @staticmethod
+        def copyfile(source, target):
+            if copied:
+                raise OSError(28, "No space left on device")
+            copied.append(shutil.copyfile(source, target))
+
+    monkeypatch.setattr(registry, "shutil", FailingSecondCopy)
+    with pytest.raises(ExportError, match="could not register in the BentoML store: .*No space left"):
+        export_checkpoint(checkpoint, tta="center", out=out)
+    assert len(copied) == 1  # the first file was in the entry when it failed
+    assert not registry.has_model()
+    assert not list((bentoml_home / "models").rglob("*.onnx"))
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
