@@ -167,6 +167,7 @@ def bench_http(name: str, url: str, payloads: list[bytes], args: argparse.Namesp
 
 def bench_engine(files: ModelFiles, payloads: list[bytes], args: argparse.Namespace) -> list[Result]:
     engine = Engine(files)
+    print(f"# engine on {engine.provider}", flush=True)
     decode = lambda data: to_graph_input(open_rgb(data), files.scale)  # noqa: E731
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.concurrency)) as pool:
@@ -216,6 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", default=None, help="store tag or .onnx path (default: $VGG_MODEL or vgg:latest)")
     model.add_argument("--tiny", action="store_true", help="export a small VGG-A to a temp dir and use it")
+    parser.add_argument("--fp16", action="store_true", help="use the model's fp16 graph (GPU) for all three")
     parser.add_argument("--images", type=Path, default=None, help="folder of test images (default: imagenette)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
@@ -231,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vgg-bench-") as workdir:
         try:
             files = resolve_model(str(tiny_model(Path(workdir))) if args.tiny else args.model)
+            if args.fp16 and files.fp16_path is None:
+                raise EngineError(f"{files.tag} has no fp16 graph: export it with --precision fp16")
+            # All three targets load this one file (the service through VGG_MODEL).
+            files = resolve_model(str(files.fp16_path if args.fp16 else files.onnx_path))
         except EngineError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -161,6 +161,8 @@ def _open_session(files: ModelFiles, *, cuda: bool, intra_op_threads: int | None
         options.intra_op_num_threads = intra_op_threads or physical_cores()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # No busy-waiting between calls: the cores are shared with image decoding and HTTP.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(graph), sess_options=options, providers=providers), graph
