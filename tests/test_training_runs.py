@@ -1,0 +1,189 @@
+"""End-to-end training runs through the CLI: bad arguments, resume after SIGKILL, DDP,
+real data, and the demo's bar (paper, section 3.1 recipe)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vgg
+
+from tests.test_training_units import write_folder
+from training.run import cli
+from vgg.checkpoint import load_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# A tiny net and geometry: VGG-A with a light head on 32x32 crops.
+TINY = ["--cfg", "A", "--fc-width", "32", "--scale", "36", "--crop", "32", "--batch-size", "16",
+        "--stats-images", "50", "--no-amp", "--workers", "0", "--no-export"]
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """3 classes x 32 training images and a val/ folder: 6 steps of 16 per epoch."""
+    root = tmp_path / "data"
+    write_folder(root / "train", {"disc": 32, "square": 32, "triangle": 32}, size=40)
+    write_folder(root / "val", {"disc": 4, "square": 4, "triangle": 4}, size=40)
+    return root
+
+
+def run_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "VGG_CACHE": str(tmp_path / "cache"), "BENTOML_HOME": str(tmp_path / "bentoml"),
+            "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def train(args: list[str], tmp_path: Path, *, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "training.run", *args], cwd=REPO_ROOT, env=run_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+# ---------------------------------------------------------------- bad arguments: one line, exit 2
+
+
+def corrupt_file(tmp_path: Path) -> Path:
+    path = tmp_path / "corrupt" / "last.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"PK\x03\x04 truncated")
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing_folder", "empty_class", "corrupt_init_from", "corrupt_resume",
+                                  "no_internet", "resume_without_out", "crop_above_scale"])
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, tiny_data, monkeypatch, capsys, case):
+    monkeypatch.setenv("VGG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("urllib.request.urlopen", _no_network)
+    args = {
+        "missing_folder": ["--data", str(tmp_path / "nowhere")],
+        "empty_class": ["--data", str(tiny_data)],
+        "corrupt_init_from": ["--data", str(tiny_data), "--init-from", str(corrupt_file(tmp_path))],
+        "corrupt_resume": ["--resume", "--out", str(corrupt_file(tmp_path).parent)],
+        "no_internet": ["--dataset", "cifar10"],
+        "resume_without_out": ["--resume"],
+        "crop_above_scale": ["--data", str(tiny_data), "--scale", "36", "--crop", "64"],
+    }[case]
+    if case == "empty_class":
+        (tiny_data / "train" / "empty").mkdir()
+    out = [] if case in ("corrupt_resume", "resume_without_out") else ["--out", str(tmp_path / "run")]
+    assert cli([*TINY, *out, *args]) == 2  # later flags win
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error and "Traceback" not in error
+    expected = {"missing_folder": "no such folder", "empty_class": "no images", "corrupt_init_from": "checkpoint",
+                "corrupt_resume": "checkpoint", "no_internet": "--data", "resume_without_out": "--out",
+                "crop_above_scale": "crop"}[case]
+    assert expected in error
+    if case == "no_internet":
+        assert "no internet" in error
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("[Errno 101] Network is unreachable")
+
+
+def test_unknown_cfg_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--cfg", "F"])
+    assert exit_info.value.code == 2 and "invalid choice: 'F'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- runs
+
+
+@pytest.mark.slow
+def test_run_writes_checkpoints_metrics_plot_and_resumes_bit_identically_after_sigkill(tmp_path, tiny_data):
+    """A run SIGKILLed in the middle of epoch 2 and resumed ends with the same weights, bit for
+    bit, as an uninterrupted run (RNG states, optimizer and LR rule come back from last.pt)."""
+    args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--log-every", "1"]
+    straight = tmp_path / "straight"
+    done = train([*args, "--out", str(straight)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name for p in straight.iterdir()} >= {"last.pt", "best.pt", "config.json", "metrics.csv", "curves.png"}
+    rows = (straight / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("epoch,lr,train_loss") and len(rows) == 3
+    best, last = load_checkpoint(straight / "best.pt"), load_checkpoint(straight / "last.pt")
+    assert last["epoch"] == 2 and best["metrics"]["val_top1"] == max(1 - r["five_top1_err"] for r in last["history"])
+    assert "init: paper" in done.stderr  # A from scratch: the paper's N(0, 1e-2)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "training.run", *args, "--out", str(killed)], cwd=REPO_ROOT,
+                               env=run_env(tmp_path), stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "epoch 2 step 3/6" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 1
+    resumed = train(["--resume", "--out", str(killed), "--no-export"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stderr
+    expected, actual = weights(straight / "last.pt"), weights(killed / "last.pt")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    def metrics_without_timing(run: Path) -> list[str]:
+        return [line.rsplit(",", 1)[0] for line in (run / "metrics.csv").read_text().splitlines()]
+
+    assert metrics_without_timing(killed) == metrics_without_timing(straight)
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path, tiny_data):
+    """DDP with 2 processes of 8 images = 1 process of 16 (dropout and augmentation off)."""
+    args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--dropout", "0", "--no-augment"]
+    single = train([*args, "--out", str(tmp_path / "one")], tmp_path)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "training.run", *args, "--out", str(tmp_path / "two")]
+    double = subprocess.run(torchrun, cwd=REPO_ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "device cpu x2" in double.stderr
+    one, two = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
+    torch.manual_seed(0)  # the run's seed: its initial weights
+    initial = vgg.build("A", num_classes=3, fc_width=32, dropout=0.0, init="paper").state_dict()
+    assert not torch.equal(one["features.0.weight"], initial["features.0.weight"])  # training moved them
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_short_run_on_imagenette_lowers_the_training_loss(tmp_path, imagenette_train):
+    """A few hundred real images (3 classes x 80, via symlinks), 4 epochs of VGG-A with BN."""
+    root = tmp_path / "imagenette"
+    for folder in sorted(p for p in imagenette_train.iterdir() if p.is_dir())[:3]:
+        (root / "train" / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:80]:
+            (root / "train" / folder.name / image.name).symlink_to(image)
+    args = ["--cfg", "A", "--batch-norm", "--fc-width", "64", "--scale", "36", "44", "--crop", "32", "--batch-size", "32",
+            "--stats-images", "100", "--workers", "0", "--no-export", "--epochs", "4", "--data", str(root),
+            "--out", str(tmp_path / "run")]
+    run = train(args, tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    assert len(history) == 4 and history[-1]["train_loss"] < history[0]["train_loss"] - 0.05
+
+
+@pytest.mark.slow
+def test_demo_run_reaches_95_percent_and_registers_the_served_model(tmp_path):
+    """`python -m training.run --cfg D` with no data: the demo set, VGG-D (fc 4096), the
+    paper's optimiser; >= 95% validation top-1, then export + BentoML registration."""
+    run = train(["--cfg", "D", "--out", str(tmp_path / "demo")], tmp_path, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "DEMO" in run.stderr and "--data DIR" in run.stderr
+    best = load_checkpoint(tmp_path / "demo" / "best.pt")
+    assert best["arch"] == {"cfg": "D", "batch_norm": False, "num_classes": 10, "dropout": 0.5, "fc_width": 4096}
+    assert best["metrics"]["val_top1"] >= 0.95, best["history"]
+    assert best["config"]["batch_size"] == 256 and best["config"]["lr"] == 0.01
+    assert Path(best["config"]["data"], "train").is_dir()  # export's int8 calibration reads it
+    check = subprocess.run([sys.executable, "-m", "export.registry", "--check"], cwd=REPO_ROOT,
+                           env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stdout + check.stderr
