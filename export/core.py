@@ -178,8 +178,12 @@ def _check_fp32(path: Path, source: _Source, images: np.ndarray, *, tta: str) ->
 
 
 def _providers() -> list[str]:
-    available = check.ort.get_available_providers()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else ["CPUExecutionProvider"]
+    """CUDA first when onnxruntime-gpu has its provider *and* a GPU is there, else the CPU."""
+    import torch
+
+    if "CUDAExecutionProvider" in check.ort.get_available_providers() and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def _check_fp16(path: Path, images: np.ndarray, fp32_probs: np.ndarray) -> dict[str, Any]:

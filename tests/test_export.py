@@ -135,7 +135,7 @@ def test_export_registers_self_describing_model(tmp_path, model, bentoml_home):
 @pytest.mark.slow
 def test_fp16_graph_keeps_uint8_in_float32_out(tmp_path, model):
     checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
-    result = export_checkpoint(checkpoint, precision="fp16", tta="five", scale=40)
+    result = export_checkpoint(checkpoint, precision="fp16", tta="center", scale=40)
 
     entry = registry.latest_model()
     assert entry.info.metadata["precisions"] == ["fp32", "fp16"] and entry.info.metadata["scale"] == 40
@@ -155,7 +155,7 @@ def test_fp16_graph_keeps_uint8_in_float32_out(tmp_path, model):
     fp32 = run_onnx(session(registry.model_files(entry)["fp32"]), images)
     assert fp16.dtype == np.float32
     assert (fp16.argmax(axis=1) == fp32.argmax(axis=1)).all()
-    assert np.abs(fp16 - fp32).max() < 2e-2
+    assert 0 < np.abs(fp16 - fp32).max() < 2e-2  # computed in float16, close to fp32
 
 
 @pytest.mark.slow
