@@ -111,3 +111,10 @@ def test_refuses_weights_of_another_architecture(tmp_path, model):
     checkpoint["arch"]["cfg"] = "D"
     with pytest.raises(CheckpointError, match="do not fit VGG-D"):
         model_from_checkpoint(checkpoint)
+
+
+def test_refuses_text_that_trips_the_unpickler(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("just some text that is long enough to look like something\n" * 50)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)

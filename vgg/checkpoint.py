@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +69,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
         raise CheckpointError(f"{path}: refused to load, not a plain checkpoint ({first[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+    except Exception as error:  # torch.load raises many types on foreign bytes; all mean "not readable"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        reason = f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a VGG checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
