@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from tqdm import tqdm
 from vgg import to_dense
 
 log = logging.getLogger(__name__)
+
+SYNC_EVERY = 10  # steps between reading the running loss back from the device
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,6 @@ def train_one_epoch(
 ) -> EpochStats:
     """One pass over ``loader`` with mini-batch SGD; returns the mean loss and accuracy
     (summed over all ranks when distributed)."""
-    import time
-
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -71,17 +72,19 @@ def train_one_epoch(
         with autocast(device, amp):
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch} step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach().double() * len(labels)
         correct += (logits.argmax(1) == labels).sum().double()
         seen += len(labels)
-        bar.set_postfix(loss=f"{(loss_sum / seen).item():.4f}", acc=f"{(correct / seen).item():.3f}")
-        if log_every and step % log_every == 0:
-            log.info("epoch %d step %d/%d loss %.4f", epoch, step, len(loader), (loss_sum / seen).item())
+        if step % SYNC_EVERY == 0 or step == len(loader) or (log_every and step % log_every == 0):
+            running_loss = (loss_sum / seen).item()  # a device sync: not every step
+            if not math.isfinite(running_loss):
+                raise FloatingPointError(f"training loss is {running_loss} at epoch {epoch} step {step}")
+            bar.set_postfix(loss=f"{running_loss:.4f}", acc=f"{(correct / seen).item():.3f}")
+            if log_every and step % log_every == 0:
+                log.info("epoch %d step %d/%d loss %.4f", epoch, step, len(loader), running_loss)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for total in (loss_sum, correct, seen):
             torch.distributed.all_reduce(total)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -46,6 +47,10 @@ DEMO_HINT = (
 
 class UsageError(ValueError):
     """A bad argument found after parsing; one line, exit code 2."""
+
+
+class ExportFailed(RuntimeError):
+    """Training finished but exporting best.pt did not; one line, exit code 1."""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -119,6 +124,18 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if demo:
         base = dataclasses.replace(base, **DEMO_OVERRIDES, amp=cpu_has_bf16() or torch.cuda.is_available())
     return dataclasses.replace(base, **given), demo
+
+
+RESUME_OVERRIDES = ("epochs", "export", "workers", "log_every", "device")
+
+
+def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> TrainConfig:
+    """The saved configuration of a run; only how long and where it runs may change."""
+    given = {key: value for key, value in vars(args).items() if key not in ("resume", "out")}
+    ignored = sorted(set(given) - set(RESUME_OVERRIDES))
+    if ignored:
+        log.warning("--resume keeps the saved recipe; ignoring %s", ", ".join(f"--{k.replace('_', '-')}" for k in ignored))
+    return dataclasses.replace(TrainConfig.from_dict(saved), **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
 
 
 def validate(config: TrainConfig, *, world_size: int) -> None:
@@ -325,7 +342,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, "out", None) is None:
             raise UsageError("--resume needs --out DIR (the run to continue)")
         resume_state = load_checkpoint(Path(args.out) / "last.pt")
-        config, demo = TrainConfig.from_dict(resume_state["config"]), False
+        config, demo = resumed_config(resume_state["config"], args), False
         log.info("resuming %s after epoch %d with its saved configuration", args.out, resume_state["epoch"])
     else:
         config, demo = config_from_args(args)
@@ -366,7 +383,7 @@ def main(args: argparse.Namespace) -> int:
              config.test_scale, config.batch_size, rule.lr, config.momentum, config.weight_decay, config.dropout)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(__import__("json").dumps({**config.to_dict(), "init_used": init}, indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps({**config.to_dict(), "init_used": init}, indent=2) + "\n")
 
     sampler, train_loader, val_loader, dense_loader = make_loaders(config, splits, stats, runtime)
     best_top1 = max((1 - row["five_top1_err"] for row in history), default=-1.0)
@@ -441,11 +458,11 @@ def export_best(best: Path) -> None:
     try:
         from export import ExportError, export_checkpoint
     except ImportError as error:
-        raise RuntimeError(f"cannot export: {error}; rerun with --no-export, then python -m export") from None
+        raise ExportFailed(f"cannot export: {error}; rerun with --no-export, then python -m export") from None
     try:
         result = export_checkpoint(best, register=True)
     except ExportError as error:
-        raise RuntimeError(f"export of {best} failed: {error}") from None
+        raise ExportFailed(f"export of {best} failed: {error}") from None
     log.info("exported %s -> %s, registered in BentoML as %s", best, result.onnx_path, result.tag)
 
 
@@ -457,9 +474,7 @@ def cli(argv: list[str] | None = None) -> int:
     except (UsageError, datasets.DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except RuntimeError as error:
-        if "export" not in str(error):
-            raise
+    except ExportFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
