@@ -102,13 +102,14 @@ def test_unknown_cfg_is_an_argparse_error(capsys):
 def test_run_writes_checkpoints_metrics_plot_and_resumes_bit_identically_after_sigkill(tmp_path, tiny_data):
     """A run SIGKILLed in the middle of epoch 2 and resumed ends with the same weights, bit for
     bit, as an uninterrupted run (RNG states, optimizer and LR rule come back from last.pt)."""
-    args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--log-every", "1"]
+    args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--log-every", "1", "--eval-dense"]
     straight = tmp_path / "straight"
     done = train([*args, "--out", str(straight)], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in straight.iterdir()} >= {"last.pt", "best.pt", "config.json", "metrics.csv", "curves.png"}
     rows = (straight / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,lr,train_loss") and len(rows) == 3
+    assert all(0 <= row["dense_top1_err"] <= 1 for row in load_checkpoint(straight / "last.pt")["history"])
     best, last = load_checkpoint(straight / "best.pt"), load_checkpoint(straight / "last.pt")
     assert last["epoch"] == 2 and best["metrics"]["val_top1"] == max(1 - r["five_top1_err"] for r in last["history"])
     assert "init: paper" in done.stderr  # A from scratch: the paper's N(0, 1e-2)
@@ -182,7 +183,7 @@ def test_demo_run_reaches_95_percent_and_registers_the_served_model(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "DEMO" in run.stderr and "--data DIR" in run.stderr
     best = load_checkpoint(tmp_path / "demo" / "best.pt")
-    assert best["arch"] == {"cfg": "D", "batch_norm": False, "num_classes": 10, "dropout": 0.5, "fc_width": 4096}
+    assert best["arch"] == {"cfg": "D", "batch_norm": True, "num_classes": 10, "dropout": 0.5, "fc_width": 4096}
     assert best["metrics"]["val_top1"] >= 0.95, best["history"]
     assert best["config"]["batch_size"] == 256 and best["config"]["lr"] == 0.01
     assert Path(best["config"]["data"], "train").is_dir()  # export's int8 calibration reads it

@@ -61,7 +61,7 @@ def test_flags_override_and_demo_fills_only_unset_geometry():
     parser = get_args_parser()
     config, demo = config_from_args(parser.parse_args(["--cfg", "A", "--crop", "48", "--scale", "50", "60"]))
     assert demo and config.cfg == "A" and config.crop == 48 and config.scale == (50, 60)
-    assert config.epochs == 7 and config.batch_size == 256 and config.lr == 1e-2  # demo length, paper optimiser
+    assert config.epochs == 6 and config.batch_size == 256 and config.lr == 1e-2  # demo length, paper optimiser
     config, demo = config_from_args(parser.parse_args(["--data", "/x", "--lr-patience", "5"]))
     assert not demo and config.scale == (256,) and config.crop == 224 and config.lr_patience == 5
 
@@ -304,3 +304,23 @@ def test_checkpoint_round_trip_with_resume_state(tmp_path):
     draws = (random.random(), np.random.rand(), torch.rand(1))
     assert draws[:2] == expected_draws[:2] and torch.equal(draws[2], expected_draws[2])
     assert isinstance(rng_state()["numpy"][1], list)
+
+
+def test_dense_evaluation_averages_softmax_over_scales_and_flips():
+    """With the single scale Q = crop, dense evaluation is the FC net on the image and its mirror."""
+    from training.engine import evaluate_dense
+    from training.transforms import DensePreset
+
+    torch.manual_seed(0)
+    model = vgg.build("A", num_classes=4, fc_width=16, init="kaiming").eval()
+    images = [torch.randn(3, 32, 32) for _ in range(3)]
+    labels = [0, 1, 2]
+    batch = [([image], label) for image, label in zip(images, labels)]
+    result = evaluate_dense(model, [batch], crop=32, device=torch.device("cpu"), amp=False)
+    with torch.no_grad():
+        stacked = torch.stack(images)
+        probs = (model(stacked).softmax(1) + model(stacked.flip(3)).softmax(1)) / 2
+    assert result["dense_top1"] == pytest.approx((probs.argmax(1) == torch.tensor(labels)).float().mean().item())
+    assert result["dense_top5"] == 1.0  # 4 classes: top-5 always holds the label
+    views = DensePreset(scales=[32, 40], stats=stats_identity())(coordinate_image(64, 32))
+    assert [tuple(view.shape) for view in views] == [(3, 32, 64), (3, 40, 80)]

@@ -25,7 +25,11 @@ IMAGES_PER_CLASS = 250
 
 # Demo geometry and length (the optimiser recipe stays the paper's). 32 is the smallest
 # crop that survives VGG's five 2x2 poolings; S is jittered in [36, 44], so Q = 40.
-DEMO_OVERRIDES = {"scale": (36, 44), "crop": 32, "epochs": 7, "init": "kaiming", "stats_images": 500}
+# BatchNorm + Kaiming init: in the ~50 SGD steps a 2-core CPU affords, a plain VGG-D
+# (Glorot or Kaiming init, no BatchNorm) is still near chance or unstable at lr 1e-2;
+# with BatchNorm it passes 95% validation accuracy in about 20 steps.
+DEMO_OVERRIDES = {"scale": (36, 44), "crop": 32, "epochs": 6, "batch_norm": True, "init": "kaiming",
+                  "stats_images": 500}
 
 
 def _draw_shape(image: Image.Image, kind: str, colour: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:

@@ -30,7 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 import vgg
 from training import data as datasets
 from training.config import TrainConfig
-from training.demo import DEMO_OVERRIDES, ensure_demo_data
+from training.demo import DEMO_OVERRIDES, demo_data_dir, ensure_demo_data
 from training.engine import evaluate, evaluate_dense, train_one_epoch
 from training.lr import PlateauState, plateau_step
 from training.transforms import DensePreset, EvalPreset, Stats, TrainPreset, dense_scales, pixel_stats
@@ -342,7 +342,8 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, "out", None) is None:
             raise UsageError("--resume needs --out DIR (the run to continue)")
         resume_state = load_checkpoint(Path(args.out) / "last.pt")
-        config, demo = resumed_config(resume_state["config"], args), False
+        config = resumed_config(resume_state["config"], args)
+        demo = config.data is not None and Path(config.data) == demo_data_dir()
         log.info("resuming %s after epoch %d with its saved configuration", args.out, resume_state["epoch"])
     else:
         config, demo = config_from_args(args)
