@@ -35,7 +35,7 @@ def tiny_data(tmp_path) -> Path:
 
 def run_env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "VGG_CACHE": str(tmp_path / "cache"), "BENTOML_HOME": str(tmp_path / "bentoml"),
-            "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+            "PYTHONPATH": str(REPO_ROOT)}
 
 
 def train(args: list[str], tmp_path: Path, *, timeout: int = 300) -> subprocess.CompletedProcess:
