@@ -16,7 +16,7 @@ from training import data as datasets
 from training.config import TrainConfig
 from training.demo import CLASSES, make_image
 from training.lr import PlateauState, plateau_step
-from training.run import checkpoint_dict, config_from_args, get_args_parser, rng_state, set_rng_state
+from training.run import UsageError, checkpoint_dict, config_from_args, get_args_parser, rng_state, set_rng_state, validate
 from training.transforms import (
     EvalPreset,
     PCALighting,
@@ -40,6 +40,16 @@ def test_defaults_are_the_papers_recipe():
     assert (config.lr, config.lr_factor, config.lr_max_decreases, config.epochs) == (1e-2, 0.1, 3, 74)
     assert (config.scale, config.crop, config.pca_std, config.fc_width) == ((256,), 224, 0.1, 4096)
     assert config.test_scale == 256 and dataclasses.replace(config, scale=(256, 512)).test_scale == 384
+
+
+def test_test_scale_flag_overrides_the_papers_q():
+    args = get_args_parser().parse_args(["--cfg", "A", "--data", "x", "--scale", "64", "128", "--crop", "56",
+                                         "--test-scale", "64"])
+    config, demo = config_from_args(args)
+    assert not demo and config.test_scale == 64 and config.scale_range == (64, 128)
+    validate(config, world_size=1)
+    with pytest.raises(UsageError, match="--test-scale Q >= --crop"):
+        validate(dataclasses.replace(config, eval_scale=48), world_size=1)
 
 
 @pytest.mark.parametrize(

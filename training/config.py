@@ -43,6 +43,9 @@ class TrainConfig:
     pca_std: float = 0.1  # AlexNet's colour shift: alpha ~ N(0, 0.1) per image and component
     stats_images: int = 1000  # training images sampled for the mean/std/PCA statistics
     # -- evaluation (section 3.2) --
+    # Single-scale test Q (section 4.1). None: the paper's Q = S, or (Smin + Smax) / 2 for
+    # jittered S. The served graph and the centre/FiveCrop validation use it.
+    eval_scale: int | None = None
     eval_dense: bool = False  # dense multi-scale evaluation, Q in {S-32, S, S+32} with flips
     # -- data --
     data: str | None = None  # ImageNet-style folder with train/ and optional val/
@@ -64,7 +67,10 @@ class TrainConfig:
 
     @property
     def test_scale(self) -> int:
-        """Single-scale test Q (section 4.1): Q = S, or 0.5 (Smin + Smax) for jittered S."""
+        """Single-scale test Q (section 4.1): ``eval_scale`` if given, else Q = S, or
+        0.5 (Smin + Smax) for jittered S."""
+        if self.eval_scale is not None:
+            return self.eval_scale
         smin, smax = self.scale_range
         return (smin + smax) // 2
 

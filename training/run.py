@@ -89,6 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     images.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop, flip and colour shift (default on)")
     images.add_argument("--pca-std", type=float, help=f"std of the PCA colour shift alphas (default {d.pca_std})")
     images.add_argument("--stats-images", type=int, help=f"images sampled for mean/std/PCA (default {d.stats_images})")
+    images.add_argument("--test-scale", dest="eval_scale", type=int, metavar="Q",
+                        help="single test scale Q for validation and the served graph (default: S, or (Smin+Smax)/2)")
     images.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, help="dense multi-scale evaluation (section 3.2)")
     source = p.add_argument_group("data")
     source.add_argument("--data", metavar="DIR", help="ImageNet-style folder: DIR/train/<class>/*, optional DIR/val/<class>/*")
@@ -143,6 +145,8 @@ def validate(config: TrainConfig, *, world_size: int) -> None:
         raise UsageError(f"--scale takes S or SMIN SMAX with SMIN <= SMAX, got {list(config.scale)}")
     if config.crop < 32 or config.scale_range[0] < config.crop:
         raise UsageError(f"need 32 <= --crop <= S, got crop {config.crop} and S {list(config.scale)}")
+    if config.test_scale < config.crop:
+        raise UsageError(f"need --test-scale Q >= --crop, got Q {config.test_scale} and crop {config.crop}")
     if config.batch_size < 1 or config.batch_size % world_size:
         raise UsageError(f"--batch-size {config.batch_size} must be a positive multiple of the {world_size} processes")
     if config.epochs < 1 or config.fc_width < 1 or config.lr <= 0:
