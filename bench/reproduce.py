@@ -1,0 +1,331 @@
+"""Reproduction on real images: the paper's procedure on Imagenette, measured end to end.
+
+    .venv/bin/python bench/reproduce.py                      # the CPU protocol (RESULTS.md)
+    .venv/bin/python bench/reproduce.py --geometry paper --amp --epochs-a 6 --epochs-d 4   # GPU
+
+Steps (Simonyan & Zisserman, arXiv:1409.1556):
+
+1. VGG-A from the paper's random initialisation (section 3.1).
+2. VGG-D pre-initialised from step 1's best checkpoint: its first four conv layers and the
+   three FC layers (section 3.1).
+3. VGG-D with Glorot initialisation and no pre-initialisation (the paper's final note in
+   section 3.1), with the same epoch budget as step 2.
+4. Each best checkpoint on the held-out 10 %: top-1/top-5 error with a single centre crop,
+   FiveCrop and TenCrop at the test scale Q, and dense evaluation (section 3.2: the
+   fully-convolutional net over the whole image at three scales, with flips).
+5. The best D is exported (FiveCrop inside the graph), served with ``bentoml serve`` and the
+   held-out images are classified over HTTP: the served top-1 must equal the offline
+   FiveCrop top-1 on the same images (exit code 1 otherwise).
+
+Training uses ``python -m training.run`` (one subprocess per step, its own run directory
+and log under ``--out``); the split is its stratified, seeded 90/10 split of ``train/``,
+so the held-out images are never trained on. Results: ``--out``/results.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from export.graph import InferenceGraph  # noqa: E402
+from serving.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
+from training.data import Sample, folder_splits  # noqa: E402
+from training.transforms import dense_scales  # noqa: E402
+from vgg.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from vgg.preprocessing import open_rgb, to_graph_input  # noqa: E402
+
+log = logging.getLogger("reproduce")
+
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "imagenette"
+# The paper's geometry (section 3.1: S jittered in [256, 512], 224 crops; Q = 256 served) and
+# the same scaled by 1/4 for a 2-core CPU.
+GEOMETRIES = {
+    "paper": {"scale": (256, 512), "crop": 224, "test_scale": 256},
+    "quarter": {"scale": (64, 128), "crop": 56, "test_scale": 64},
+}
+TTAS = ("center", "five", "ten")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    cfg: str
+    flags: tuple[str, ...]
+    epochs: int
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageNet-style folder with train/ (default: shared imagenette)")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "reproduce", help="where runs, logs and results go")
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="quarter", help="image sizes (default: the paper's / 4)")
+    # Budget of the CPU protocol (about 40 minutes on 2 cores); the paper trained for 74 epochs.
+    p.add_argument("--epochs-a", type=int, default=4, help="epochs of step 1 (VGG-A)")
+    p.add_argument("--epochs-d", type=int, default=2, help="epochs of steps 2 and 3 (each VGG-D)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
+    p.add_argument("--batch-size", type=int, default=256, help="the paper's 256")
+    p.add_argument("--fc-width", type=int, default=4096, help="the paper's 4096")
+    p.add_argument("--classes", type=int, default=0, help="use only the first N classes (0: all)")
+    p.add_argument("--per-class", type=int, default=0, help="use only the first M images of each class (0: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers for training")
+    p.add_argument("--eval-batch", type=int, default=32, help="images per evaluation batch")
+    p.add_argument("--http-batch", type=int, default=16, help="images per /classify_batch request")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_subset(train: Path, destination: Path, *, classes: int, per_class: int) -> Path:
+    """An ImageNet-style folder of symlinks to the first images of the first classes."""
+    for index, class_dir in enumerate(sorted(d for d in train.iterdir() if d.is_dir())):
+        if classes and index >= classes:
+            break
+        target = destination / "train" / class_dir.name
+        target.mkdir(parents=True, exist_ok=True)
+        images = sorted(p for p in class_dir.iterdir() if p.is_file())
+        for image in images[: per_class or None]:
+            link = target / image.name
+            if not link.exists():
+                link.symlink_to(image.resolve())
+    return destination
+
+
+def held_out(data: Path, *, seed: int) -> tuple[list[str], list[Sample]]:
+    """The validation split that training.run carves out of ``data/train`` (same seed)."""
+    splits = folder_splits(data, val_split=0.1, seed=seed)
+    return splits.classes, splits.val
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def run_training(step: Step, *, data: Path, out: Path, args: argparse.Namespace) -> dict:
+    """Train one step as ``python -m training.run``; return its wall time and metrics."""
+    geometry = GEOMETRIES[args.geometry]
+    run_dir = out / step.name
+    command = [
+        sys.executable, "-m", "training.run", "--cfg", step.cfg, "--data", str(data), "--out", str(run_dir),
+        "--epochs", str(step.epochs), "--scale", *map(str, geometry["scale"]), "--crop", str(geometry["crop"]),
+        "--test-scale", str(geometry["test_scale"]), "--batch-size", str(args.batch_size),
+        "--fc-width", str(args.fc_width), "--seed", str(args.seed), "--device", args.device,
+        "--amp" if args.amp else "--no-amp", "--no-export", *step.flags,
+    ]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
+    log.info("step %s: %s", step.name, " ".join(command[1:]))
+    start = time.perf_counter()
+    with open(out / f"{step.name}.log", "wb") as log_file:
+        result = subprocess.run(command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        tail = (out / f"{step.name}.log").read_text(errors="replace").splitlines()[-15:]
+        raise SystemExit(f"step {step.name} failed (exit {result.returncode}):\n" + "\n".join(tail))
+    with open(run_dir / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    train_seconds = sum(float(row["seconds"]) for row in rows)
+    config = json.loads((run_dir / "config.json").read_text())
+    train_images = len(folder_splits(data, val_split=0.1, seed=args.seed).train)
+    return {
+        "name": step.name,
+        "cfg": step.cfg,
+        "init": config.get("init_used"),
+        "init_from": config.get("init_from"),
+        "epochs": len(rows),
+        "wall_s": round(wall, 1),
+        "train_images_per_s": round(train_images * len(rows) / max(train_seconds, 1e-9), 1),
+        "checkpoint": str(run_dir / "best.pt"),
+    }
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+    top1_err = 1.0 - (top5[:, 0] == labels).float().mean().item()
+    top5_err = 1.0 - (top5 == labels[:, None]).any(dim=1).float().mean().item()
+    return round(top1_err, 4), round(top5_err, 4)
+
+
+@torch.no_grad()
+def evaluate_checkpoint(path: str, val: list[Sample], *, test_scale: int, scale_range: tuple[int, int],
+                        batch: int, amp: bool, device: torch.device) -> tuple[dict, list[int]]:
+    """Top-1/top-5 errors for each test-time protocol, and the fp32 FiveCrop predictions.
+
+    Every protocol runs the export's graph module (the computation that gets served) in
+    PyTorch on the service's own preprocessing (``open_rgb`` + ``to_graph_input``). TenCrop
+    is FiveCrop of the image and of its mirror image (torchvision's TenCrop views). With
+    ``amp`` the protocols run under bf16 autocast; the FiveCrop predictions compared with
+    the service are always computed in fp32, like the served graph.
+    """
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint)
+    pre = checkpoint["preprocess"]
+    common = {"mean": pre["mean"], "std": pre["std"], "crop": pre["crop"]}
+    five, center = (InferenceGraph(model, scale=test_scale, tta=tta, **common).to(device) for tta in ("five", "center"))
+    scales = dense_scales(scale_range, pre["crop"])
+    dense = {q: InferenceGraph(model, scale=q, tta="dense", **common).to(device) for q in scales}
+    probs: dict[str, list[torch.Tensor]] = {name: [] for name in ("center", "five", "ten", "dense", "five_fp32")}
+    for start in range(0, len(val), batch):
+        images = [open_rgb(path) for path, _ in val[start : start + batch]]
+        at_q = torch.from_numpy(np.stack([to_graph_input(image, test_scale) for image in images])).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            probs["center"].append(center(at_q))
+            probs["five"].append(five(at_q))
+            probs["ten"].append((probs["five"][-1] + five(at_q.flip(2))) / 2)  # NHWC: dim 2 is the width
+            dense_probs = [graph(torch.from_numpy(np.stack([to_graph_input(im, q) for im in images])).to(device))
+                           for q, graph in dense.items()]
+            probs["dense"].append(torch.stack(dense_probs).mean(dim=0))  # posteriors averaged over scales
+        probs["five_fp32"].append(five(at_q) if amp else probs["five"][-1])
+    labels = torch.tensor([label for _, label in val])
+    stacked = {name: torch.cat(chunks).float().cpu() for name, chunks in probs.items()}
+    errors = {name: _errors(stacked[name], labels) for name in ("center", "five", "ten", "dense")}
+    errors["dense_scales"] = scales
+    return errors, stacked["five_fp32"].argmax(dim=1).tolist()
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def classify_over_http(checkpoint: str, val: list[Sample], *, workdir: Path, batch: int) -> tuple[list[int], str]:
+    """Export ``checkpoint`` into a fresh BentoML store, serve it, classify ``val`` over HTTP."""
+    from export import export_checkpoint
+
+    home = workdir / "bentoml"
+    os.environ["BENTOML_HOME"] = str(home)  # the export registers here; the server reads it
+    result = export_checkpoint(checkpoint, tta="five", register=True)
+    log.info("exported %s as %s", checkpoint, result.tag)
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    port = free_port()
+    predictions: list[int] = []
+    with running_server(bentoml_serve_command(port), port=port, env=env, log_path=workdir / "serve.log") as (url, _):
+        with httpx.Client(base_url=url, timeout=300) as client:
+            for start in range(0, len(val), batch):
+                chunk = val[start : start + batch]
+                files = [("images", (Path(p).name, Path(p).read_bytes(), "image/jpeg")) for p, _ in chunk]
+                response = client.post("/classify_batch", files=files, data={"top_k": "1"})
+                response.raise_for_status()
+                predictions += [answer["index"] for answer in response.json()]
+    return predictions, str(result.tag)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU only, {os.cpu_count()} cores"
+    return f"{cpu}; {device}; torch {torch.__version__}"
+
+
+def markdown(results: dict) -> str:
+    rows = [
+        "| run | init | epochs | wall | train img/s | centre | FiveCrop | TenCrop | dense |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in results["runs"]:
+        e = run["errors"]
+        cells = [f"{100 * e[k][0]:.1f} / {100 * e[k][1]:.1f}" for k in ("center", "five", "ten", "dense")]
+        init = "pre-init from A" if run["init_from"] else run["init"]
+        rows.append(f"| VGG-{run['cfg']} ({run['name']}) | {init} | {run['epochs']} | {run['wall_s'] / 60:.1f} min "
+                    f"| {run['train_images_per_s']:.0f} | " + " | ".join(cells) + " |")
+    served = results["served"]
+    return "\n".join([
+        f"Top-1 / top-5 validation error (%), {results['val_images']} held-out images, "
+        f"Q = {results['geometry']['test_scale']}, dense scales {results['runs'][0]['errors']['dense_scales']}"
+        f"{', bf16 autocast' if results['amp'] else ''}.",
+        "",
+        *rows,
+        "",
+        f"Served ({served['model']}, FiveCrop graph over HTTP): top-1 error {100 * served['top1_err']:.2f} % "
+        f"vs offline FiveCrop {100 * served['offline_top1_err']:.2f} %; "
+        f"{served['disagreements']} of {results['val_images']} predictions differ.",
+        "",
+        f"Machine: {results['machine']}. Total wall time {results['wall_s'] / 60:.1f} min.",
+    ])
+
+
+def main(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not (args.data / "train").is_dir():
+        print(f"error: {args.data}/train not found (ImageNet-style folder expected)", file=sys.stderr)
+        return 2
+    data = args.data.resolve()
+    if args.classes or args.per_class:
+        data = make_subset(data / "train", out / "data", classes=args.classes, per_class=args.per_class)
+    geometry = GEOMETRIES[args.geometry]
+    steps = [
+        Step("A-paper", "A", ("--init", "paper"), args.epochs_a),
+        Step("D-preinit", "D", ("--init-from", str(out / "A-paper" / "best.pt")), args.epochs_d),
+        Step("D-glorot", "D", ("--init", "glorot"), args.epochs_d),
+    ]
+    classes, val = held_out(data, seed=args.seed)
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    eval_device = torch.device("cuda" if use_cuda else "cpu")
+    runs = []
+    for step in steps:
+        run = run_training(step, data=data, out=out, args=args)
+        run["errors"], run["five_predictions"] = evaluate_checkpoint(
+            run["checkpoint"], val, test_scale=geometry["test_scale"], scale_range=geometry["scale"],
+            batch=args.eval_batch, amp=args.amp, device=eval_device)
+        log.info("%s: %s", step.name, run["errors"])
+        runs.append(run)
+
+    best_d = min((r for r in runs if r["cfg"] == "D"), key=lambda r: r["errors"]["five"][0])
+    served, tag = classify_over_http(best_d["checkpoint"], val, workdir=out, batch=args.http_batch)
+    labels = [label for _, label in val]
+    offline = best_d["five_predictions"]
+    results = {
+        "geometry": geometry,
+        "amp": args.amp,
+        "val_images": len(val),
+        "classes": classes,
+        "runs": [{k: v for k, v in r.items() if k != "five_predictions"} for r in runs],
+        "served": {
+            "model": tag,
+            "run": best_d["name"],
+            "top1_err": round(1 - float(np.mean(np.array(served) == labels)), 4),
+            "offline_top1_err": round(1 - float(np.mean(np.array(offline) == labels)), 4),
+            "disagreements": int(sum(a != b for a, b in zip(served, offline))),
+        },
+        "machine": machine(),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results) + "\n")
+    print(markdown(results))
+    if results["served"]["top1_err"] != results["served"]["offline_top1_err"]:
+        print("error: the served top-1 differs from the offline FiveCrop top-1", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    sys.exit(main(get_args_parser().parse_args()))
