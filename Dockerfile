@@ -6,7 +6,7 @@
 #
 # Model: mounted at run time (above), or baked in at build time: first
 #   bentoml models export vgg:latest vgg.bentomodel
-# in this directory, then `docker build` picks up every *.bentomodel file here (docs/service.md).
+# in this directory, then `docker build` picks up every *.bentomodel file here (README.md, "Serving").
 
 # CUDA 13 + cuDNN 9 runtime: what onnxruntime-gpu 1.31 is built against.
 FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu22.04

@@ -13,7 +13,7 @@ one batchable inference method, :meth:`VGGClassifier.infer_batch`, through Bento
 batching dispatcher: concurrent requests (and the images of one batch request) become one
 ONNX Runtime call of up to ``VGG_MAX_BATCH_SIZE`` images.
 
-Configuration (environment): see ``docs/service.md`` and :class:`serving.settings.Settings`.
+Configuration (environment): see ``README.md, "Serving"`` and :class:`serving.settings.Settings`.
 """
 
 from __future__ import annotations

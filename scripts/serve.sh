@@ -3,7 +3,7 @@
 # registering the built-in demo VGG-D if none is, then serve it with BentoML on port 3000.
 #   PORT=3001 make serve           another port
 #   VGG_MODEL=vgg:<version> ...    a given store model, or VGG_MODEL=path/to/model.onnx
-# Other settings (batch size, limits, VGG_REQUIRE_GPU): docs/service.md.
+# Other settings (batch size, limits, VGG_REQUIRE_GPU): README.md, "Serving".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -1,4 +1,4 @@
-"""The service's settings, from environment variables (documented in docs/service.md)."""
+"""The service's settings, from environment variables (documented in README.md, "Serving")."""
 
 from __future__ import annotations
 
