@@ -77,6 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="quarter", help="image sizes (default: the paper's / 4)")
     # Budget of the CPU protocol (about 40 minutes on 2 cores); the paper trained for 74 epochs.
     p.add_argument("--epochs-a", type=int, default=4, help="epochs of step 1 (VGG-A)")
+    p.add_argument("--init-a", choices=("paper", "glorot", "kaiming"), default="paper",
+                   help="initialisation of step 1 (default: the paper's N(0, 1e-2))")
     p.add_argument("--epochs-d", type=int, default=2, help="epochs of steps 2 and 3 (each VGG-D)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
     p.add_argument("--batch-size", type=int, default=256, help="the paper's 256")
@@ -280,8 +282,10 @@ def main(args: argparse.Namespace) -> int:
         data = make_subset(data / "train", out / "data", classes=args.classes, per_class=args.per_class)
     geometry = GEOMETRIES[args.geometry]
     steps = [
-        Step("A-paper", "A", ("--init", "paper"), args.epochs_a),
-        Step("D-preinit", "D", ("--init-from", str(out / "A-paper" / "best.pt")), args.epochs_d),
+        Step(f"A-{args.init_a}", "A", ("--init", args.init_a), args.epochs_a),
+        # The layers not copied from A get A's initialisation (the paper: its N(0, 1e-2)).
+        Step("D-preinit", "D", ("--init-from", str(out / f"A-{args.init_a}" / "best.pt"), "--init", args.init_a),
+             args.epochs_d),
         Step("D-glorot", "D", ("--init", "glorot"), args.epochs_d),
     ]
     classes, val = held_out(data, seed=args.seed)
