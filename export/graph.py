@@ -26,16 +26,12 @@ import torch
 from torch import nn
 
 from vgg import VGG, to_dense
+from vgg.preprocessing import center_offset
 
 __all__ = ["TTA_MODES", "Tta", "crop_offsets", "InferenceGraph", "views_per_image"]
 
 Tta = Literal["five", "ten", "center", "dense"]
 TTA_MODES: tuple[str, ...] = ("five", "ten", "center", "dense")
-
-
-def _center_offset(scale: int, crop: int) -> int:
-    # torchvision.transforms.functional.center_crop: int(round((size - crop) / 2.0))
-    return int(round((scale - crop) / 2.0))
 
 
 def crop_offsets(*, scale: int, crop: int, tta: Tta) -> list[tuple[int, int]]:
@@ -47,7 +43,7 @@ def crop_offsets(*, scale: int, crop: int, tta: Tta) -> list[tuple[int, int]]:
     if crop > scale:
         raise ValueError(f"crop {crop} is larger than the test scale {scale}")
     far = scale - crop
-    middle = _center_offset(scale, crop)
+    middle = center_offset(scale, crop)
     if tta in ("five", "ten"):
         return [(0, 0), (0, far), (far, 0), (far, far), (middle, middle)]
     if tta == "center":

@@ -12,6 +12,7 @@ from vgg.preprocessing import (
     ImageDecodeError,
     ImageTooLarge,
     center_crop,
+    center_offset,
     open_rgb,
     resize_shortest_side,
     default_test_scale,
@@ -129,6 +130,20 @@ def test_center_crop_takes_the_middle():
     array[3:7, 4:8] = 255
     cropped = np.asarray(center_crop(Image.fromarray(array), 4))
     assert cropped.min() == 255
+
+
+@pytest.mark.parametrize("width, height, size", [(12, 10, 4), (11, 7, 4), (7, 11, 4), (40, 37, 30), (37, 37, 32)])
+def test_center_crop_matches_torchvision_rounding(width, height, size):
+    from torchvision.transforms import v2
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    expected = np.asarray(v2.CenterCrop(size)(image))
+    np.testing.assert_array_equal(np.asarray(center_crop(image, size)), expected)
+
+
+@pytest.mark.parametrize("size, crop, offset", [(37, 32, 2), (13, 4, 4), (11, 4, 4), (10, 4, 3), (4, 4, 0)])
+def test_center_offset_rounds_like_torchvision(size, crop, offset):
+    assert center_offset(size, crop) == offset
 
 
 def test_graph_input_shape_and_type():

@@ -25,6 +25,7 @@ __all__ = [
     "default_test_scale",
     "open_rgb",
     "resize_shortest_side",
+    "center_offset",
     "center_crop",
     "to_graph_input",
 ]
@@ -121,9 +122,16 @@ def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
     return image.resize(new_size, Image.Resampling.BILINEAR)
 
 
+def center_offset(size: int, crop: int) -> int:
+    """Offset of a centred ``crop`` inside ``size`` pixels, rounded as torchvision's
+    ``center_crop`` (``int(round((size - crop) / 2))``): the one rule for training,
+    export and serving."""
+    return int(round((size - crop) / 2.0))
+
+
 def center_crop(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
-    left, top = (width - size) // 2, (height - size) // 2
+    left, top = center_offset(width, size), center_offset(height, size)
     return image.crop((left, top, left + size, top + size))
 
 
