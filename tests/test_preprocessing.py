@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from vgg import preprocessing
 from vgg.preprocessing import (
     ImageDecodeError,
     ImageTooLarge,
@@ -105,6 +107,17 @@ def test_truncated_image_is_refused():
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("exception", [struct.error("unpack requires a buffer of 4 bytes"), KeyError(274), ZeroDivisionError()])
+def test_unexpected_decoder_exceptions_become_decode_errors(monkeypatch, exception):
+    def broken_exif(image):
+        raise exception
+
+    monkeypatch.setattr(preprocessing.ImageOps, "exif_transpose", broken_exif)
+    with pytest.raises(ImageDecodeError) as error:
+        open_rgb(encode(gradient(), "JPEG"))
+    assert "\n" not in str(error.value) and str(error.value)
+
+
 def test_decompression_bomb_is_refused_from_the_header():
     # A 1-bit PNG of 8000 x 8000 pixels is only a few kB compressed.
     data = encode(Image.new("1", (8_000, 8_000)), "PNG")
@@ -144,6 +157,24 @@ def test_center_crop_matches_torchvision_rounding(width, height, size):
 @pytest.mark.parametrize("size, crop, offset", [(37, 32, 2), (13, 4, 4), (11, 4, 4), (10, 4, 3), (4, 4, 0)])
 def test_center_offset_rounds_like_torchvision(size, crop, offset):
     assert center_offset(size, crop) == offset
+
+
+@pytest.mark.parametrize("size", [(1, 8_000_000), (8_000_000, 1)])
+def test_graph_input_of_a_thin_image_has_bounded_memory(size):
+    # About 30 kB of PNG; resizing all of it would ask for 256 x 2e9 pixels.
+    image = open_rgb(encode(Image.new("L", size, 77), "PNG"))
+    array = to_graph_input(image, 256)
+    assert array.shape == (256, 256, 3) and np.all(array == 77)
+
+
+@pytest.mark.parametrize("size", [(40, 300), (300, 40), (120, 100), (100, 100)])
+def test_graph_input_is_resize_then_centre_crop(size):
+    from torchvision.transforms import v2
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    expected = np.asarray(v2.CenterCrop(64)(resize_shortest_side(image, 64))).astype(int)
+    tolerance = 0 if max(size) <= 4 * min(size) else 1  # past 4:1 only the central box is resampled
+    assert np.abs(to_graph_input(image, 64).astype(int) - expected).max() <= tolerance
 
 
 def test_graph_input_shape_and_type():

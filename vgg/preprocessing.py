@@ -42,6 +42,9 @@ TEST_SCALE_RATIO = 256 / 224
 # Decompression-bomb limit: 50 megapixels is far above any photo a classifier needs.
 DEFAULT_MAX_PIXELS = 50_000_000
 
+# to_graph_input resizes the whole image up to this aspect ratio, only the central box beyond.
+MAX_ASPECT_FOR_FULL_RESIZE = 4
+
 ImageSource = Union[bytes, str, Path, BinaryIO]
 
 
@@ -84,7 +87,8 @@ def open_rgb(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     """Decode an image (first frame), apply its EXIF orientation and return it as RGB.
 
     The pixel count is checked from the header before the image is decoded.
-    Raises :class:`ImageTooLarge` or :class:`ImageDecodeError` with a one-line reason.
+    Raises :class:`ImageTooLarge` or :class:`ImageDecodeError` with a one-line reason, also
+    for unexpected decoder exceptions, so callers need to catch only ImageDecodeError.
     """
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -103,11 +107,11 @@ def open_rgb(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
         raise
     except Image.DecompressionBombError as error:
         raise ImageTooLarge(str(error)) from None
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError, EOFError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if isinstance(error, Image.UnidentifiedImageError):
-            reason = "not a recognised image format"
-        raise ImageDecodeError(reason) from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not a recognised image format") from None
+    except Exception as error:  # odd files make decoders raise struct.error, KeyError, ZeroDivisionError...
+        reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ImageDecodeError(reason[:200]) from None
 
 
 def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
@@ -115,11 +119,7 @@ def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
     width, height = image.size
     if min(width, height) == size:
         return image
-    if width <= height:
-        new_size = (size, max(1, round(height * size / width)))
-    else:
-        new_size = (max(1, round(width * size / height)), size)
-    return image.resize(new_size, Image.Resampling.BILINEAR)
+    return image.resize(_shortest_side_size(width, height, size), Image.Resampling.BILINEAR)
 
 
 def center_offset(size: int, crop: int) -> int:
@@ -135,10 +135,27 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def _shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    if width <= height:
+        return size, max(1, round(height * size / width))
+    return max(1, round(width * size / height)), size
+
+
 def to_graph_input(image: Image.Image, scale: int) -> np.ndarray:
     """The exported graph's input for one image: ``[scale, scale, 3]`` uint8 RGB.
 
-    Shortest side to ``scale``, then the central ``scale x scale`` square.
+    Shortest side to ``scale``, then the central ``scale x scale`` square (torchvision's
+    ``Resize(Q)`` + ``CenterCrop(Q)``, pixel for pixel). Beyond a 4:1 aspect ratio only the
+    source box that maps onto the square is resampled (same filter taps, within one grey
+    level), so memory stays bounded by ``scale`` even for a 1 x 8,000,000 image.
     """
-    square = center_crop(resize_shortest_side(image, scale), scale)
+    width, height = image.size
+    resized_width, resized_height = _shortest_side_size(width, height, scale)
+    if max(resized_width, resized_height) <= MAX_ASPECT_FOR_FULL_RESIZE * scale:
+        square = center_crop(resize_shortest_side(image, scale), scale)
+    else:
+        left, top = center_offset(resized_width, scale), center_offset(resized_height, scale)
+        x_ratio, y_ratio = width / resized_width, height / resized_height
+        box = (left * x_ratio, top * y_ratio, (left + scale) * x_ratio, (top + scale) * y_ratio)
+        square = image.resize((scale, scale), Image.Resampling.BILINEAR, box=box)
     return np.asarray(square, dtype=np.uint8).reshape(scale, scale, 3)
