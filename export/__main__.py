@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Callable, NoReturn
 
 from export.core import (
     INT8_AGREEMENT_IMAGES,
@@ -20,8 +21,28 @@ from export.core import (
 from export.graph import TTA_MODES
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments: one ``error: ...`` line and exit code 2, no usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def count_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m export",
         description="Export a VGG training checkpoint to ONNX (preprocessing and test-time crops inside the "
         "graph), check it against PyTorch, and register it in the BentoML store as vgg:<version>.",
@@ -38,10 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="real images for the checks (default: a few from the training folder)")
     parser.add_argument("--calibration", default=None, metavar="DIR",
                         help="int8 calibration images (default: the checkpoint's training folder)")
-    parser.add_argument("--calibration-images", type=int, default=INT8_CALIBRATION_IMAGES,
+    parser.add_argument("--calibration-images", type=count_at_least(1), default=INT8_CALIBRATION_IMAGES,
                         help=f"int8 calibration image count (default: {INT8_CALIBRATION_IMAGES})")
-    parser.add_argument("--agreement-images", type=int, default=INT8_AGREEMENT_IMAGES,
-                        help=f"int8 vs fp32 agreement image count (default: {INT8_AGREEMENT_IMAGES})")
+    parser.add_argument("--agreement-images", type=count_at_least(INT8_AGREEMENT_IMAGES), default=INT8_AGREEMENT_IMAGES,
+                        help=f"int8 vs fp32 agreement image count, at least {INT8_AGREEMENT_IMAGES} "
+                        f"(default: {INT8_AGREEMENT_IMAGES})")
     parser.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT,
                         help=f"int8 minimum top-1 agreement with fp32 (default: {INT8_MIN_AGREEMENT})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")

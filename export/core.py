@@ -263,6 +263,18 @@ def _stage_out(model_file: Path, out: str | os.PathLike | None) -> Path | None:
     return staged
 
 
+def _check_out(out: str | os.PathLike | None) -> None:
+    """Refuse an ``out`` that cannot become a file before any work is done."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a directory; give a file path such as {out / 'model.onnx'}")
+    existing = next((parent for parent in out.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ExportError(f"--out {out}: {existing} is not a directory")
+
+
 def _publish(
     entry_files: dict[str, Path], requested: Path, *, out: str | os.PathLike | None, register: bool,
     metadata: dict[str, Any], labels: dict[str, str],
@@ -282,7 +294,12 @@ def _publish(
             staged_out.unlink(missing_ok=True)
         raise ExportError(f"could not register in the BentoML store: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     if staged_out is not None:
-        os.replace(staged_out, out)
+        try:
+            os.replace(staged_out, out)
+        except OSError as error:
+            staged_out.unlink(missing_ok=True)
+            registered = f" ({tag} is registered)" if tag else ""
+            raise ExportError(f"cannot write {out}: {error.strerror or error}{registered}") from None
     return tag, paths
 
 
@@ -315,6 +332,9 @@ def export_checkpoint(
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not register and out is None:
         raise ExportError("nothing to do: give out=PATH or register=True")
+    _check_out(out)
+    if calibration_count < 1 or agreement_count < 1:
+        raise ExportError(f"int8 image counts must be at least 1, got {calibration_count} and {agreement_count}")
     source = _load_source(Path(checkpoint_path), scale=scale)
     metadata = _metadata(source, tta=tta)
     precisions = ["fp32"] if precision == "fp32" else ["fp32", precision]

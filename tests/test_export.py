@@ -186,6 +186,39 @@ def test_bad_arguments_raise_export_error(tmp_path, model, kwargs, message):
     assert not registry.has_model()
 
 
+@pytest.mark.parametrize(("make_out", "message"), [
+    (lambda tmp_path: tmp_path, "is a directory"),
+    (lambda tmp_path: tmp_path / "best.pt" / "vgg.onnx", "best.pt is not a directory"),
+])
+def test_unwritable_out_is_refused_before_any_work(tmp_path, model, monkeypatch, make_out, message):
+    checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
+    monkeypatch.setattr("export.core._load_source", lambda *a, **k: pytest.fail("worked before checking out"))
+    with pytest.raises(ExportError, match=message):
+        export_checkpoint(checkpoint, out=make_out(tmp_path))
+    assert not registry.has_model()
+
+
+@pytest.mark.parametrize("counts", [{"calibration_count": 0}, {"agreement_count": -5}])
+def test_int8_image_counts_must_be_positive(tmp_path, model, counts):
+    checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
+    with pytest.raises(ExportError, match="at least 1"):
+        export_checkpoint(checkpoint, precision="int8", **counts)
+
+
+@pytest.mark.slow
+def test_failed_final_rename_is_one_export_error(tmp_path, model, monkeypatch):
+    checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
+    out = tmp_path / "vgg.onnx"
+
+    def failing_replace(source, target):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("export.core.os.replace", failing_replace)
+    with pytest.raises(ExportError, match="cannot write .*vgg.onnx: Invalid cross-device link"):
+        export_checkpoint(checkpoint, tta="center", out=out, register=False)
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
 def test_registry_check_cli_reflects_the_store(tmp_path, model):
     assert registry.main(["--check"]) == 1
     files = {"model.onnx": tmp_path / "m.onnx", "classes.json": tmp_path / "c.json"}

@@ -106,3 +106,17 @@ def test_code_pickle_refused_by_the_real_cli(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "refused to load" in result.stderr
     assert not (tmp_path / "pwned").exists()
     assert not registry.has_model()
+
+
+@pytest.mark.parametrize(("arguments", "reason"), [
+    (["--tta", "twelve"], "argument --tta: invalid choice"),
+    (["--calibration-images", "-5"], "must be at least 1, got -5"),
+    (["--agreement-images", "10"], "must be at least 500, got 10"),
+    (["--agreement-images", "many"], "'many' is not an integer"),
+])
+def test_bad_flags_one_line_exit_2(tmp_path, capsys, arguments, reason):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path / "best.pt"), *arguments])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], lines
