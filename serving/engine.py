@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["EngineError", "ModelFiles", "Engine", "resolve_model", "check_model", "load_engine", "warm_up_sizes", "HOW_TO_GET_A_MODEL"]
+__all__ = ["EngineError", "ModelFiles", "Engine", "model_spec", "is_onnx_path", "resolve_model", "check_model", "load_engine", "warm_up_sizes", "HOW_TO_GET_A_MODEL"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +46,32 @@ class ModelFiles:
 def _labels_from_metadata(metadata: dict[str, Any], num_classes: int) -> list[str]:
     labels = metadata.get("labels")
     if isinstance(labels, str):
-        labels = json.loads(labels)
+        try:
+            labels = json.loads(labels)
+        except ValueError:
+            raise EngineError("metadata 'labels' is not a JSON list") from None
     if not labels:
         labels = [str(index) for index in range(num_classes)]
+    if not isinstance(labels, list):
+        raise EngineError("metadata 'labels' is not a list")
     return [str(label) for label in labels]
+
+
+def _positive_int(metadata: dict[str, Any], key: str, *, where: str) -> int:
+    """``metadata[key]`` as a positive int, or a one-line :class:`EngineError`."""
+    value = metadata.get(key)
+    try:
+        number = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise EngineError(f"{where}: metadata {key!r} is {value!r}, not an integer: re-export the model") from None
+    if number < 1 or (isinstance(value, float) and value != number):
+        raise EngineError(f"{where}: metadata {key!r} is {value!r}, not a positive integer: re-export the model")
+    return number
+
+
+def _check_labels(labels: list[str], num_classes: Any, *, where: str) -> None:
+    if isinstance(num_classes, int) and len(labels) != num_classes:
+        raise EngineError(f"{where}: {len(labels)} labels for {num_classes} classes: re-export the model")
 
 
 def _model_files_from_onnx(path: Path) -> ModelFiles:
@@ -63,19 +85,32 @@ def _model_files_from_onnx(path: Path) -> ModelFiles:
     except Exception as error:  # ORT raises its own exception types
         raise EngineError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0][:200]})") from None
     props = dict(session.get_modelmeta().custom_metadata_map)
-    input_shape = session.get_inputs()[0].shape
+    input_size = session.get_inputs()[0].shape[1]
     num_classes = session.get_outputs()[0].shape[-1]
-    scale = int(props["scale"]) if "scale" in props else input_shape[1]
-    if not isinstance(scale, int):
+    if "scale" in props:
+        scale = _positive_int(props, "scale", where=str(path))
+    elif isinstance(input_size, int):
+        scale = input_size
+    else:
         raise EngineError(f"{path}: the graph has no 'scale' metadata and a dynamic input size")
     labels = _labels_from_metadata(props, num_classes if isinstance(num_classes, int) else 0)
+    _check_labels(labels, num_classes, where=str(path))
     return ModelFiles(tag=path.name, onnx_path=path, labels=labels, scale=scale, metadata=props)
+
+
+def _store_labels(model: Any, metadata: dict[str, Any], num_classes: int) -> list[str]:
+    from export.registry import model_classes
+
+    try:
+        return [str(label) for label in model_classes(model)]
+    except (OSError, ValueError):
+        return _labels_from_metadata(metadata, num_classes)
 
 
 def _model_files_from_store(tag: str) -> ModelFiles:
     from bentoml.exceptions import NotFound
 
-    from export.registry import MODEL_NAME, latest_model, model_classes, model_files
+    from export.registry import MODEL_NAME, latest_model, model_files
 
     try:
         model = latest_model(tag)
@@ -85,45 +120,52 @@ def _model_files_from_store(tag: str) -> ModelFiles:
         raise EngineError(f"model {tag!r} is not in the BentoML store: {HOW_TO_GET_A_MODEL}") from None
     except ValueError as error:
         raise EngineError(f"{tag!r} is neither a model tag nor an .onnx path ({error})") from None
-    metadata = dict(model.info.metadata)
+    metadata, where = dict(model.info.metadata), f"model {model.tag}"
     graphs = model_files(model)
     if "fp32" not in graphs:
-        raise EngineError(f"model {model.tag} has no model.onnx: re-export it")
-    try:
-        labels = [str(label) for label in model_classes(model)]
-    except (OSError, ValueError):
-        labels = _labels_from_metadata(metadata, int(metadata.get("num_classes", 0)))
+        raise EngineError(f"{where} has no model.onnx: re-export it")
+    scale = _positive_int(metadata, "scale", where=where)
+    num_classes = _positive_int(metadata, "num_classes", where=where) if "num_classes" in metadata else None
+    labels = _store_labels(model, metadata, num_classes or 0)
+    _check_labels(labels, num_classes, where=where)
     return ModelFiles(
-        tag=str(model.tag),
-        onnx_path=graphs["fp32"],
-        labels=labels,
-        scale=int(metadata["scale"]),
-        fp16_path=graphs.get("fp16"),
-        metadata=metadata,
+        tag=str(model.tag), onnx_path=graphs["fp32"], labels=labels, scale=scale,
+        fp16_path=graphs.get("fp16"), metadata=metadata,
     )
+
+
+def model_spec(spec: str | None = None) -> str:
+    """``spec``, else ``$VGG_MODEL``, else ``vgg:latest``."""
+    return spec or os.environ.get("VGG_MODEL") or "vgg:latest"
+
+
+def is_onnx_path(spec: str) -> bool:
+    return spec.endswith(".onnx") or os.sep in spec
 
 
 def resolve_model(spec: str | None = None) -> ModelFiles:
     """``spec``: a store tag (``vgg``, ``vgg:<version>``), a path to an ``.onnx`` file, or None
     for ``$VGG_MODEL`` or else ``vgg:latest``."""
-    spec = spec or os.environ.get("VGG_MODEL") or "vgg:latest"
-    if spec.endswith(".onnx") or os.sep in spec:
+    spec = model_spec(spec)
+    if is_onnx_path(spec):
         return _model_files_from_onnx(Path(spec).expanduser())
     return _model_files_from_store(spec)
 
 
 def check_model(spec: str | None = None, *, require_gpu: bool = False) -> str:
-    """Fail fast, with a one-line :class:`EngineError`, when the service could not start;
-    cheap (no session for store models). Returns the model's tag or file name."""
+    """Fail fast, with a one-line :class:`EngineError`, when the service could not start.
+
+    An ``.onnx`` path is opened (CPU session, metadata checked) so a junk file fails here,
+    not in a restarting worker; a store entry's metadata is checked without a session.
+    Returns the model's tag or file name."""
     if require_gpu and not _cuda_usable():
-        raise EngineError("VGG_REQUIRE_GPU=1 but no usable GPU: ONNX Runtime's CUDA provider or the NVIDIA driver is missing")
-    spec = spec or os.environ.get("VGG_MODEL") or "vgg:latest"
-    if spec.endswith(".onnx") or os.sep in spec:
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise EngineError(f"VGG_MODEL={spec}: no such ONNX file")
-        return path.name
-    return _model_files_from_store(spec).tag
+        raise EngineError(
+            "VGG_REQUIRE_GPU=1 but no usable GPU: ONNX Runtime's CUDA provider, the NVIDIA driver or a visible GPU is missing"
+        )
+    spec = model_spec(spec)
+    if is_onnx_path(spec) and not Path(spec).expanduser().is_file():
+        raise EngineError(f"VGG_MODEL={spec}: no such ONNX file")
+    return resolve_model(spec).tag
 
 
 def physical_cores() -> int:
@@ -132,18 +174,26 @@ def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+def _cuda_device_count() -> int:
+    """GPUs the NVIDIA driver can see (0 without a driver, or with CUDA_VISIBLE_DEVICES="")."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")  # the driver: absent on machines without a GPU
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def _cuda_usable() -> bool:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
-    try:
-        import ctypes
-
-        ctypes.CDLL("libcuda.so.1")  # the driver: absent on machines without a GPU
-    except OSError:
-        return False
-    return True
+    return _cuda_device_count() > 0
 
 
 def _open_session(files: ModelFiles, *, cuda: bool, intra_op_threads: int | None) -> tuple[Any, Path]:
@@ -192,6 +242,7 @@ class Engine:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.num_classes = len(self.labels)
+        _check_labels(self.labels, self.session.get_outputs()[0].shape[-1], where=str(self.graph_path))
         self._gpu_batch_sizes: list[int] = []  # fixed shapes the GPU session was tuned for
         logger.info(
             "engine: %s on %s (%s), input %dx%d, %d classes",
