@@ -22,7 +22,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 import bentoml
 import numpy as np
@@ -37,6 +37,8 @@ from serving.metrics import inference_metrics
 from serving.settings import Settings, SettingsError
 
 logger = logging.getLogger("bentoml.vgg")
+
+DEFAULT_TOP_K = 5
 
 
 class Prediction(BaseModel):
@@ -58,6 +60,27 @@ def classification(probs: np.ndarray, *, top_k: int, labels: Sequence[str], mode
     order = np.argsort(-probs, kind="stable")[:top_k]
     top = [Prediction(label=labels[index], index=int(index), score=float(probs[index])) for index in order]
     return Classification(label=top[0].label, index=top[0].index, score=top[0].score, top=top, model=model)
+
+
+def resolve_top_k(top_k: int | None, *, num_classes: int) -> int:
+    """``top_k`` checked against the model; by default 5, or every class of a smaller model."""
+    if top_k is None:
+        return min(DEFAULT_TOP_K, num_classes)
+    if not 1 <= top_k <= num_classes:
+        raise ApiError(400, f"top_k must be between 1 and {num_classes}, got {top_k}")
+    return top_k
+
+
+async def infer_all(submit: Callable[[np.ndarray], Awaitable[np.ndarray]], arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Submit every array to the batch dispatcher; an inference failure is a logged 503, not a 500."""
+    try:
+        return list(await asyncio.gather(*(submit(array) for array in arrays)))
+    except ApiError:
+        raise
+    except Exception as error:  # ONNX Runtime raises its own types
+        logger.exception("inference failed")
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ApiError(503, f"inference failed: {reason}") from None
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -140,21 +163,18 @@ class VGGClassifier:
                 raise
             raise ApiError(error.status, f"images[{position}]: {error.message}") from None
 
-    async def _classify_paths(self, paths: Sequence[Path], top_k: int, *, batch: bool) -> list[Classification]:
-        self.check_top_k(top_k)
+    async def _classify_paths(self, paths: Sequence[Path], top_k: int | None, *, batch: bool) -> list[Classification]:
+        top_k = resolve_top_k(top_k, num_classes=self.engine.num_classes)
         arrays = await asyncio.gather(
             *(self._preprocess(path, position=index if batch else None) for index, path in enumerate(paths))
         )
-        probs = await asyncio.gather(*(self._submit(array) for array in arrays))
+        probs = await infer_all(self._submit, arrays)
         return [classification(row, top_k=top_k, labels=self.engine.labels, model=self.engine.tag) for row in probs]
 
-    def check_top_k(self, top_k: int) -> None:
-        if not 1 <= top_k <= self.engine.num_classes:
-            raise ApiError(400, f"top_k must be between 1 and {self.engine.num_classes}, got {top_k}")
-
     @bentoml.api(route="/classify")
-    async def classify(self, image: Path, top_k: int = 5) -> Classification:
-        """Classify one image (JPEG, PNG, WebP, BMP, GIF first frame, TIFF)."""
+    async def classify(self, image: Path, top_k: int | None = None) -> Classification:
+        """Classify one image (JPEG, PNG, WebP, BMP, GIF first frame, TIFF); ``top_k``: default 5,
+        or all classes of a model with fewer."""
         try:
             (answer,) = await self._classify_paths([image], top_k, batch=False)
         except ApiError as error:
@@ -162,8 +182,9 @@ class VGGClassifier:
         return answer
 
     @bentoml.api(route="/classify_batch")
-    async def classify_batch(self, images: list[Path], top_k: int = 5) -> list[Classification]:
-        """Classify several images sent in one request; answers in the same order."""
+    async def classify_batch(self, images: list[Path], top_k: int | None = None) -> list[Classification]:
+        """Classify several images sent in one request; answers in the same order (``top_k``:
+        default 5, or all classes of a model with fewer)."""
         try:
             if not images:
                 raise ApiError(400, "no images: send one or more files in the 'images' field")

@@ -12,6 +12,7 @@ that cannot finish within ``max_latency_ms`` with a 503.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from typing import Awaitable, Callable, Generic, Sequence, TypeVar
 
@@ -26,7 +27,22 @@ Out = TypeVar("Out")
 
 
 def _overloaded() -> None:
+    """CorkDispatcher's answer when it drops a request, or when the awaiting task was cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():  # a disconnected client: stay cancelled, not a 503
+        raise asyncio.CancelledError()
     raise ApiError(503, "overloaded: the request could not be served within the latency limit, retry later")
+
+
+def _check_internals(cork: CorkDispatcher) -> None:
+    """Fail loudly, at start-up, if a BentoML upgrade changed the internals used here."""
+    optimizer = getattr(cork, "optimizer", None)
+    stats = getattr(optimizer, "o_stat", None)
+    if not isinstance(stats, collections.deque) or not hasattr(optimizer, "wait") or stats.maxlen is None:
+        raise RuntimeError(
+            "bentoml's CorkDispatcher internals changed (optimizer.o_stat deque / optimizer.wait): "
+            "update serving/batching.py for this BentoML version"
+        )
 
 
 class BatchDispatcher(Generic[In, Out]):
@@ -45,6 +61,7 @@ class BatchDispatcher(Generic[In, Out]):
             fallback=_overloaded,
             get_batch_size=lambda item: 1,
         )
+        _check_internals(self._cork)
         self.submit: Callable[[In], Awaitable[Out]] = self._cork(infer_batch)
 
     def forget_queueing(self) -> None:

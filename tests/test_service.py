@@ -298,7 +298,30 @@ def test_64_concurrent_requests_are_fused_into_fewer_onnx_runtime_calls(server, 
         assert_answer_matches(response.json(), direct_probs(exported, to_graph_input(image, exported["scale"])))
     calls = metric(server, "vgg_inference_calls_total") - calls_before
     assert metric(server, "vgg_inference_images_total") - images_before == 64
-    assert calls <= 32, f"64 requests took {calls:.0f} ONNX Runtime calls: batches of under 2 on average"
+    # How many fuse depends on arrival vs inference speed (the deterministic fusing check is
+    # tests/test_batching.py); none at all for 64 concurrent requests means batching is off.
+    assert calls < 64, "64 concurrent requests took 64 ONNX Runtime calls: nothing was batched"
+
+
+def test_the_images_of_one_batch_request_are_one_onnx_runtime_call(server, exported) -> None:
+    images = [noise_image((40, 40 + i), seed=200 + i) for i in range(MAX_IMAGES)]
+    files = [("images", (f"{i}.png", encode(image, "PNG"))) for i, image in enumerate(images)]
+    calls_before = metric(server, "vgg_inference_calls_total")
+    response = server["client"].post("/classify_batch", files=files, data={"top_k": "10"})
+    assert response.status_code == 200, response.text
+    assert metric(server, "vgg_inference_calls_total") - calls_before == 1
+    for answer, image in zip(response.json(), images):
+        assert_answer_matches(answer, direct_probs(exported, to_graph_input(image, exported["scale"])))
+
+
+@pytest.mark.parametrize("size", [(1, 3_900_000), (3_900_000, 1)], ids=["tall", "wide"])
+def test_thin_image_is_answered_without_blowing_up_memory(server, exported, size) -> None:
+    data = encode(Image.new("L", size, 90), "PNG")  # ~30 kB; resizing all of it would need terabytes
+    assert len(data) < MAX_BODY_BYTES
+    expected = direct_probs(exported, np.full((exported["scale"], exported["scale"], 3), 90, dtype=np.uint8))
+    response = classify(server, data, name="thin.png")
+    assert response.status_code == 200, response.text
+    assert_answer_matches(response.json(), expected)
 
 
 # ---------------------------------------------------------------- bad input: 4xx JSON, never 500
