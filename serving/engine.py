@@ -120,6 +120,8 @@ def _model_files_from_store(tag: str) -> ModelFiles:
         raise EngineError(f"model {tag!r} is not in the BentoML store: {HOW_TO_GET_A_MODEL}") from None
     except ValueError as error:
         raise EngineError(f"{tag!r} is neither a model tag nor an .onnx path ({error})") from None
+    except OSError as error:  # e.g. a mounted store the service's user cannot read
+        raise EngineError(f"cannot read the BentoML store for {tag!r}: {error.strerror or error}") from None
     metadata, where = dict(model.info.metadata), f"model {model.tag}"
     graphs = model_files(model)
     if "fp32" not in graphs:

@@ -136,3 +136,12 @@ def test_require_gpu_with_a_driver_but_no_visible_gpu_is_refused(tmp_path, monke
     monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver(100, 0))  # CUDA_ERROR_NO_DEVICE
     with pytest.raises(EngineError, match="VGG_REQUIRE_GPU=1 but no usable GPU"):
         check_model(str(mean_colour_graph(tmp_path / "good.onnx", props=GOOD_PROPS)), require_gpu=True)
+
+
+def test_an_unreadable_store_is_one_engine_error(monkeypatch):
+    def unreadable(tag):
+        raise PermissionError(13, "Permission denied", "/home/vgg/bentoml/models/vgg")
+
+    monkeypatch.setattr(registry, "latest_model", unreadable)
+    with pytest.raises(EngineError, match="cannot read the BentoML store for 'vgg:latest': Permission denied"):
+        check_model()
