@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,10 +171,25 @@ def check_model(spec: str | None = None, *, require_gpu: bool = False) -> str:
     return resolve_model(spec).tag
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def cgroup_cpu_limit(cpu_max: Path = CGROUP_CPU_MAX) -> int | None:
+    """CPUs allowed by a cgroup v2 quota (``docker run --cpus``), rounded up; None without one."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
 def physical_cores() -> int:
+    """Physical cores, capped by the CPU affinity mask and the cgroup quota of a container."""
     import psutil
 
-    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return max(1, min(cores, affinity, cgroup_cpu_limit() or cores))
 
 
 def _cuda_device_count() -> int:

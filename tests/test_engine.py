@@ -145,3 +145,16 @@ def test_an_unreadable_store_is_one_engine_error(monkeypatch):
     monkeypatch.setattr(registry, "latest_model", unreadable)
     with pytest.raises(EngineError, match="cannot read the BentoML store for 'vgg:latest': Permission denied"):
         check_model()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("400000 100000", 4), ("junk", None),
+])
+def test_cgroup_cpu_limit(tmp_path, text, expected):
+    (tmp_path / "cpu.max").write_text(text)
+    assert engine_module.cgroup_cpu_limit(tmp_path / "cpu.max") == expected
+
+
+def test_physical_cores_respect_a_container_quota(monkeypatch):
+    monkeypatch.setattr(engine_module, "cgroup_cpu_limit", lambda: 1)
+    assert engine_module.physical_cores() == 1
