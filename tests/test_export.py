@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import struct
 
 import numpy as np
 import onnx
@@ -250,3 +251,24 @@ def test_registration_failing_midway_leaves_no_entry(tmp_path, model, monkeypatc
     assert not registry.has_model()
     assert not list((bentoml_home / "models").rglob("*.onnx"))
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_check_images_skip_files_whose_decoder_fails_oddly(tmp_path, monkeypatch, caplog):
+    from PIL import Image
+
+    from export.check import load_graph_inputs
+    from vgg import preprocessing
+
+    Image.new("RGB", (50, 40), (200, 10, 10)).save(tmp_path / "good.png")
+    Image.new("RGB", (41, 40), (10, 10, 200)).save(tmp_path / "odd.png")
+    real_exif_transpose = preprocessing.ImageOps.exif_transpose
+
+    def struct_error_for_odd_widths(image):
+        if image.size[0] % 2:
+            raise struct.error("unpack requires a buffer of 4 bytes")  # what a corrupt EXIF block raises
+        return real_exif_transpose(image)
+
+    monkeypatch.setattr(preprocessing.ImageOps, "exif_transpose", struct_error_for_odd_widths)
+    images = load_graph_inputs([tmp_path / "good.png", tmp_path / "odd.png"], scale=SCALE)
+    assert images.shape == (1, SCALE, SCALE, 3) and images[0, 0, 0, 0] == 200
+    assert "skipping" in caplog.text and "odd.png" in caplog.text
