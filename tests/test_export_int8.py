@@ -8,7 +8,6 @@ import pytest
 from onnx import numpy_helper
 
 from export import ExportError, export_checkpoint, registry
-from export.__main__ import main
 from export.check import image_files, load_graph_inputs, run_onnx, session
 from export_helpers import CLASS_COLOURS, SCALE, train_on_folder, write_checkpoint, write_colour_folder
 
@@ -33,14 +32,13 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_int8_agrees_with_fp32_and_is_registered(trained, capsys):
+def test_int8_agrees_with_fp32_and_is_registered(trained):
     checkpoint, root = trained
-    argv = ["--checkpoint", str(checkpoint), "--precision", "int8", "--calibration-images", str(CALIBRATION),
-            "--agreement-images", str(AGREEMENT)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert f"int8 top-1 agreement with fp32: 100.00% on {AGREEMENT} images not used for calibration" in printed
-    assert "check_images=12" in printed  # 8 real images of the training folder + 4 random ones
+    # The library call: the CLI insists on at least 500 agreement images (issue 4).
+    result = export_checkpoint(checkpoint, precision="int8", calibration_count=CALIBRATION,
+                               agreement_count=AGREEMENT)
+    assert result.checks["int8_top1_agreement"] == 1.0 and result.checks["int8_agreement_images"] == AGREEMENT
+    assert result.checks["check_images"] == 12  # 8 real images of the training folder + 4 random ones
 
     entry = registry.latest_model()
     files = registry.model_files(entry)
