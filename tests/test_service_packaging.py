@@ -120,6 +120,16 @@ def test_bad_configuration_fails_with_one_line(tmp_path, variables, words) -> No
 
 
 @pytest.mark.slow
+def test_junk_onnx_file_fails_at_start_with_one_line(tmp_path) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not an ONNX model")
+    result = start_failure(tmp_path, VGG_MODEL=str(junk))
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "not a loadable ONNX model" in lines[0], lines
+
+
+@pytest.mark.slow
 def test_require_gpu_refuses_the_cpu(tmp_path) -> None:
     if _cuda_usable():
         pytest.skip("this machine has a usable GPU: VGG_REQUIRE_GPU=1 would start")
