@@ -71,7 +71,9 @@ def resolve_top_k(top_k: int | None, *, num_classes: int) -> int:
     return top_k
 
 
-async def infer_all(submit: Callable[[np.ndarray], Awaitable[np.ndarray]], arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+async def infer_all(
+    submit: Callable[[np.ndarray], Awaitable[np.ndarray]], arrays: Sequence[np.ndarray]
+) -> list[np.ndarray]:
     """Submit every array to the batch dispatcher; an inference failure is a logged 503, not a 500."""
     try:
         return list(await asyncio.gather(*(submit(array) for array in arrays)))

@@ -163,7 +163,8 @@ def check_model(spec: str | None = None, *, require_gpu: bool = False) -> str:
     Returns the model's tag or file name."""
     if require_gpu and not _cuda_usable():
         raise EngineError(
-            "VGG_REQUIRE_GPU=1 but no usable GPU: ONNX Runtime's CUDA provider, the NVIDIA driver or a visible GPU is missing"
+            "VGG_REQUIRE_GPU=1 but no usable GPU: ONNX Runtime's CUDA provider, the NVIDIA driver "
+            "or a visible GPU is missing"
         )
     spec = model_spec(spec)
     if is_onnx_path(spec) and not Path(spec).expanduser().is_file():

@@ -114,7 +114,9 @@ def test_a_cancelled_request_stays_cancelled():
     assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)
 
 
-@pytest.mark.parametrize(("top_k", "num_classes", "expected"), [(None, 10, 5), (None, 3, 3), (None, 5, 5), (7, 10, 7), (3, 3, 3)])
+@pytest.mark.parametrize(
+    ("top_k", "num_classes", "expected"), [(None, 10, 5), (None, 3, 3), (None, 5, 5), (7, 10, 7), (3, 3, 3)]
+)
 def test_top_k_defaults_to_five_or_every_class(top_k, num_classes, expected):
     assert resolve_top_k(top_k, num_classes=num_classes) == expected
 
