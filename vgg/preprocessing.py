@@ -144,8 +144,8 @@ def _shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
 def to_graph_input(image: Image.Image, scale: int) -> np.ndarray:
     """The exported graph's input for one image: ``[scale, scale, 3]`` uint8 RGB.
 
-    Shortest side to ``scale``, then the central ``scale x scale`` square (torchvision's
-    ``Resize(Q)`` + ``CenterCrop(Q)``, pixel for pixel). Beyond a 4:1 aspect ratio only the
+    Shortest side to ``scale``, then the central ``scale x scale`` square: exactly
+    :func:`center_crop` of :func:`resize_shortest_side`. Beyond a 4:1 aspect ratio only the
     source box that maps onto the square is resampled (same filter taps, within one grey
     level), so memory stays bounded by ``scale`` even for a 1 x 8,000,000 image.
     """
