@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from vgg.preprocessing import ImageDecodeError, open_rgb, to_graph_input
+from vgg.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, open_rgb, to_graph_input
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -32,7 +32,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"})
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the one list, shared with training
 
 
 def training_folder(data: str | os.PathLike | None) -> Path | None:

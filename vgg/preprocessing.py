@@ -20,6 +20,7 @@ __all__ = [
     "IMAGENET_STD_RGB",
     "TEST_SCALE_RATIO",
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "ImageTooLarge",
     "default_test_scale",
@@ -41,6 +42,9 @@ TEST_SCALE_RATIO = 256 / 224
 
 # Decompression-bomb limit: 50 megapixels is far above any photo a classifier needs.
 DEFAULT_MAX_PIXELS = 50_000_000
+
+# File suffixes read as images from folders (training data, export's check and calibration).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 # to_graph_input resizes the whole image up to this aspect ratio, only the central box beyond.
 MAX_ASPECT_FOR_FULL_RESIZE = 4
