@@ -82,17 +82,30 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> VGG:
-    """Rebuild the model of a loaded checkpoint (in eval mode, on the CPU)."""
-    arch = checkpoint["arch"]
-    model = build(
-        arch["cfg"],
-        num_classes=arch["num_classes"],
-        batch_norm=arch["batch_norm"],
-        dropout=arch.get("dropout", 0.5),
-        fc_width=arch.get("fc_width", FC_WIDTH),
-    )
+    """Rebuild the model of a loaded checkpoint (in eval mode, on the CPU).
+
+    Raises :class:`CheckpointError` when ``arch`` lacks a key or holds an unusable value, or
+    when the weights do not fit the architecture.
+    """
+    arch = checkpoint.get("arch")
+    if not isinstance(arch, dict):
+        raise CheckpointError("checkpoint 'arch' is not a dict")
+    missing = [key for key in ("cfg", "num_classes", "batch_norm") if key not in arch]
+    if missing:
+        raise CheckpointError(f"checkpoint 'arch' lacks {', '.join(missing)}")
+    try:
+        model = build(
+            arch["cfg"],
+            num_classes=arch["num_classes"],
+            batch_norm=arch["batch_norm"],
+            dropout=arch.get("dropout", 0.5),
+            fc_width=arch.get("fc_width", FC_WIDTH),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint 'arch' is not a buildable VGG ({reason})") from None
     try:
         model.load_state_dict(checkpoint["model"], strict=True)
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, AttributeError, KeyError) as error:
         raise CheckpointError(f"checkpoint weights do not fit VGG-{arch['cfg']}: {str(error).splitlines()[0]}") from None
     return model.eval()
