@@ -13,10 +13,9 @@ import pytest
 import torch
 
 import vgg
-
-from tests.test_training_units import write_folder
+from training_helpers import ddp_rank_with_unreadable_batch, tiny_net, write_folder
 from training.run import cli
-from vgg.checkpoint import load_checkpoint
+from vgg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # A tiny net and geometry: VGG-A with a light head on 32x32 crops.
@@ -57,8 +56,25 @@ def corrupt_file(tmp_path: Path) -> Path:
     return path
 
 
+def checkpoint_lacking(folder: Path, *, arch: dict, drop: tuple[str, ...] = (), data: Path | None = None) -> Path:
+    """A checkpoint of the right format whose ``arch`` or resume state is incomplete."""
+    model = vgg.build("A", num_classes=3, fc_width=32)
+    checkpoint = {"format": CHECKPOINT_FORMAT, "arch": arch, "model": model.state_dict(), "classes": ["a", "b", "c"],
+                  "preprocess": {"mean": [0.0] * 3, "std": [1.0] * 3, "pca_eigval": [0.0] * 3, "pca_eigvec": [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]},
+                  "config": {"cfg": "A", "data": str(data)}, "optimizer": {}, "lr_rule": {}, "epoch": 1, "rng": {},
+                  "history": []}
+    path = folder / "last.pt"
+    save_checkpoint({key: value for key, value in checkpoint.items() if key not in drop}, path)
+    return path
+
+
+GOOD_ARCH = {"cfg": "A", "batch_norm": False, "num_classes": 3, "dropout": 0.5, "fc_width": 32}
+
+
 @pytest.mark.parametrize("case", ["missing_folder", "empty_class", "corrupt_init_from", "corrupt_resume",
-                                  "no_internet", "resume_without_out", "crop_above_scale"])
+                                  "no_internet", "resume_without_out", "crop_above_scale", "dropout", "momentum",
+                                  "workers", "device", "out_is_a_file", "init_from_without_arch_keys",
+                                  "resume_without_optimizer", "resume_with_empty_state"])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, tiny_data, monkeypatch, capsys, case):
     monkeypatch.setenv("VGG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("urllib.request.urlopen", _no_network)
@@ -70,16 +86,29 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, tiny_data, monkeypatch
         "no_internet": ["--dataset", "cifar10"],
         "resume_without_out": ["--resume"],
         "crop_above_scale": ["--data", str(tiny_data), "--scale", "36", "--crop", "64"],
+        "dropout": ["--data", str(tiny_data), "--dropout", "1.5"],
+        "momentum": ["--data", str(tiny_data), "--momentum", "-1"],
+        "workers": ["--data", str(tiny_data), "--workers", "-1"],
+        "device": ["--data", str(tiny_data), "--device", "foo"],
+        "out_is_a_file": ["--data", str(tiny_data), "--out", str(tiny_data / "train" / "disc" / "0.png")],
+        "init_from_without_arch_keys": ["--data", str(tiny_data), "--init-from",
+                                        str(checkpoint_lacking(tmp_path / "no_arch", arch={"cfg": "A"}))],
+        "resume_without_optimizer": ["--resume", "--out", str(checkpoint_lacking(
+            tmp_path / "no_optimizer", arch=GOOD_ARCH, drop=("optimizer",)).parent)],
+        "resume_with_empty_state": ["--resume", "--out", str(checkpoint_lacking(
+            tmp_path / "empty_state", arch=GOOD_ARCH, data=tiny_data).parent)],
     }[case]
     if case == "empty_class":
         (tiny_data / "train" / "empty").mkdir()
-    out = [] if case in ("corrupt_resume", "resume_without_out") else ["--out", str(tmp_path / "run")]
+    out = [] if case.startswith(("corrupt_resume", "resume")) else ["--out", str(tmp_path / "run")]
     assert cli([*TINY, *out, *args]) == 2  # later flags win
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error and "Traceback" not in error
     expected = {"missing_folder": "no such folder", "empty_class": "no images", "corrupt_init_from": "checkpoint",
                 "corrupt_resume": "checkpoint", "no_internet": "--data", "resume_without_out": "--out",
-                "crop_above_scale": "crop"}[case]
+                "crop_above_scale": "crop", "dropout": "--dropout", "momentum": "--momentum", "workers": "--workers",
+                "device": "--device", "out_is_a_file": "is a file", "init_from_without_arch_keys": "lacks num_classes, batch_norm",
+                "resume_without_optimizer": "lacks optimizer", "resume_with_empty_state": "cannot resume from it"}[case]
     assert expected in error
     if case == "no_internet":
         assert "no internet" in error
@@ -89,10 +118,28 @@ def _no_network(*args, **kwargs):
     raise OSError("[Errno 101] Network is unreachable")
 
 
-def test_unknown_cfg_is_an_argparse_error(capsys):
+@pytest.mark.parametrize(("argv", "message"), [(["--cfg", "F"], "invalid choice: 'F'"),
+                                               (["--epochs", "two"], "invalid int value"), (["--bogus"], "unrecognized")])
+def test_argparse_errors_are_one_line_and_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        cli(["--cfg", "F"])
-    assert exit_info.value.code == 2 and "invalid choice: 'F'" in capsys.readouterr().err
+        cli(argv)
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in error
+    assert error.startswith("error: ") and "\n" not in error and "usage" not in error
+
+
+@pytest.mark.slow
+def test_ddp_rank_with_an_all_unreadable_batch_still_steps_with_the_others(tmp_path):
+    """Rank 1's first batch is None: it joins the all-reduce with zero gradients, so neither rank
+    hangs and both end with the same weights."""
+    torch.multiprocessing.spawn(ddp_rank_with_unreadable_batch, args=(str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=2, join=True)
+    zero, one = torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
+    torch.manual_seed(0)  # both ranks' initial weights
+    initial = tiny_net().state_dict()
+    assert not torch.equal(zero["5.weight"], initial["5.weight"])  # the steps moved them
+    for key, _ in tiny_net().named_parameters():  # BN buffers are each rank's own until the next forward
+        assert torch.equal(zero[key], one[key]), key
 
 
 # ---------------------------------------------------------------- runs
@@ -179,7 +226,7 @@ def test_short_run_on_imagenette_lowers_the_training_loss(tmp_path, imagenette_t
 def test_demo_run_reaches_95_percent_and_registers_the_served_model(tmp_path):
     """`python -m training.run --cfg D` with no data: the demo set, VGG-D (fc 4096), the
     paper's optimiser; >= 95% validation top-1, then export + BentoML registration."""
-    run = train(["--cfg", "D", "--out", str(tmp_path / "demo")], tmp_path, timeout=900)
+    run = train(["--cfg", "D", "--out", str(tmp_path / "demo")], tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "DEMO" in run.stderr and "--data DIR" in run.stderr
     best = load_checkpoint(tmp_path / "demo" / "best.pt")

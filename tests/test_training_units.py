@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import random
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +16,24 @@ from PIL import Image
 
 import vgg
 from training import data as datasets
+from training import run as training_run
 from training.config import TrainConfig
 from training.demo import CLASSES, make_image
+from training.engine import evaluate
 from training.lr import PlateauState, plateau_step
-from training.run import UsageError, checkpoint_dict, config_from_args, get_args_parser, rng_state, set_rng_state, validate
+from training.run import (
+    Runtime,
+    UsageError,
+    checkpoint_dict,
+    config_from_args,
+    get_args_parser,
+    make_loaders,
+    resolve_device,
+    resumed_config,
+    rng_state,
+    set_rng_state,
+    validate,
+)
 from training.transforms import (
     EvalPreset,
     PCALighting,
@@ -29,7 +46,9 @@ from training.transforms import (
     five_crop_boxes,
     pixel_stats,
 )
+from training_helpers import coordinate_image, stats_identity, write_folder
 from vgg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from vgg.preprocessing import IMAGE_EXTENSIONS, to_graph_input
 
 # ---------------------------------------------------------------- the recipe and its flags
 
@@ -110,12 +129,6 @@ def test_plateau_rule_decreases_at_most_three_times_and_round_trips():
 # ---------------------------------------------------------------- augmentation
 
 
-def coordinate_image(width: int, height: int) -> Image.Image:
-    """R = x, G = y: every pixel says where it came from."""
-    yy, xx = np.mgrid[0:height, 0:width]
-    return Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], axis=-1).astype(np.uint8))
-
-
 @pytest.mark.parametrize(("scale_min", "scale_max"), [(36, 44), (256, 512), (40, 40)])
 def test_scale_jitter_stays_within_bounds_and_keeps_aspect(scale_min, scale_max):
     torch.manual_seed(0)
@@ -180,27 +193,48 @@ def test_pixel_stats_recover_mean_and_principal_axes():
     assert abs(np.dot(np.array(stats.pca_eigvec)[:, 0], axis)) > 0.99
 
 
-def stats_identity() -> Stats:
-    return Stats(mean=[0.0] * 3, std=[1.0] * 3, pca_eigval=[0.0] * 3, pca_eigvec=np.eye(3).tolist())
-
-
 def test_train_preset_without_augmentation_is_deterministic_and_normalised():
     stats = Stats(mean=[10.0, 20.0, 0.0], std=[2.0, 2.0, 2.0], pca_eigval=[1.0] * 3, pca_eigvec=np.eye(3).tolist())
     preset = TrainPreset(scale_range=(40, 48), crop=32, stats=stats, pca_std=0.1, augment=False)
     image = coordinate_image(80, 40)
     first, second = preset(image), preset(image)
     assert first.shape == (3, 32, 32) and torch.equal(first, second)
+    # S = 40 is the image's height already; the centre 32x32 crop starts at x = 24, y = 4,
+    # so its first pixel is RGB (24, 4, 0), normalised to ((24-10)/2, (4-20)/2, (0-0)/2).
+    assert first[:, 0, 0].tolist() == [7.0, -8.0, 0.0]
+    assert first[:, 31, 31].tolist() == [(55 - 10) / 2, (35 - 20) / 2, 0.0]
     augmented = TrainPreset(scale_range=(40, 48), crop=32, stats=stats, pca_std=0.1, augment=True)
     assert augmented(image).shape == (3, 32, 32)
 
 
-def test_eval_preset_five_crops_in_torchvision_order():
+def test_eval_preset_five_crops_of_the_served_square_in_torchvision_order():
     preset = EvalPreset(test_scale=40, crop=32, stats=stats_identity())
-    center, five = preset(coordinate_image(40, 40))
-    assert five.shape == (5, 3, 32, 32) and torch.equal(center, five[4])
+    five = preset(coordinate_image(40, 40))
+    assert five.shape == (5, 3, 32, 32)
     origins = [(int(view[0, 0, 0]), int(view[1, 0, 0])) for view in five]
     assert origins == [(0, 0), (8, 0), (0, 8), (8, 8), (4, 4)]
     assert five_crop_boxes(40, 40, 32)[4] == (4, 4, 36, 36)
+    assert five_crop_boxes(41, 41, 32)[4] == (4, 4, 36, 36)  # torchvision's rounding: round(4.5) = 4
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    square = torch.tensor(to_graph_input(wide, 40), dtype=torch.float32).permute(2, 0, 1)
+    assert torch.equal(EvalPreset(test_scale=40, crop=32, stats=stats_identity())(wide)[4], square[:, 4:36, 4:36])
+
+
+class MeanRedClassifier(torch.nn.Module):
+    """Class scores from the mean of the red channel: class 0 for dark crops, 1 for bright ones."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        red = images[:, 0].mean(dim=(1, 2))
+        return torch.stack([128 - red, red - 128], dim=1)
+
+
+def test_evaluate_centre_metric_uses_the_fifth_crop():
+    """An image bright only in its centre: the centre crop says class 1, FiveCrop says class 0."""
+    five = torch.zeros(2, 5, 3, 4, 4)
+    five[:, 4, 0] = 255.0
+    result = evaluate(MeanRedClassifier(), [(five, torch.tensor([1, 1]))], device=torch.device("cpu"), amp=False,
+                      channels_last=False, show_progress=False)
+    assert result["center_top1"] == 1.0 and result["five_top1"] == 0.0
 
 
 @pytest.mark.parametrize(("scale_range", "crop", "expected"),
@@ -210,14 +244,6 @@ def test_dense_scales_follow_section_4_2(scale_range, crop, expected):
 
 
 # ---------------------------------------------------------------- data
-
-
-def write_folder(root, counts: dict[str, int], size=40):
-    for label, (name, count) in enumerate(counts.items()):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for index in range(count):
-            make_image(label % len(CLASSES), index, size=size).save(folder / f"{index}.png")
 
 
 def test_stratified_split_is_per_class_seeded_and_disjoint():
@@ -248,18 +274,50 @@ def test_bad_folders_are_one_line_errors(tmp_path, problem):
     assert "\n" not in str(error.value)
 
 
-def test_unreadable_image_is_reported_once_and_skipped(tmp_path, caplog):
-    write_folder(tmp_path, {"a": 2})
-    broken = tmp_path / "a" / "broken.png"
-    broken.write_bytes(b"not a png")
+def no_augment_preset() -> TrainPreset:
+    return TrainPreset(scale_range=(36, 36), crop=32, stats=stats_identity(), pca_std=0.0, augment=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image_is_reported_once_over_workers_and_epochs(tmp_path, caplog, workers):
+    write_folder(tmp_path, {"a": 3})
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
     _, samples = datasets.list_image_folder(tmp_path)
-    dataset = datasets.ImageDataset(samples, TrainPreset(scale_range=(36, 36), crop=32, stats=stats_identity(),
-                                                         pca_std=0.0, augment=False))
+    loader = datasets.ReportingLoader(torch.utils.data.DataLoader(
+        datasets.ImageDataset(samples, no_augment_preset()), batch_size=1, num_workers=workers,
+        collate_fn=datasets.collate_skipping))
     with caplog.at_level(logging.WARNING):
-        batches = [datasets.collate_skipping([dataset[i] for i in range(len(dataset))]) for _ in range(2)]
-    assert [len(batch[1]) for batch in batches] == [2, 2]
+        epochs = [[None if batch is None else len(batch[1]) for batch in loader] for _ in range(2)]
+    assert [sorted(epoch, key=str) for epoch in epochs] == [[1, 1, 1, None]] * 2
     warnings = [record.getMessage() for record in caplog.records if "broken.png" in record.getMessage()]
     assert len(warnings) == 1 and "unreadable" in warnings[0]
+
+
+@pytest.mark.parametrize("error", [struct.error("unpack requires a buffer of 4 bytes"), KeyError(274),
+                                   ZeroDivisionError("division by zero")])
+def test_any_decoder_exception_skips_the_file_not_the_epoch(tmp_path, monkeypatch, error):
+    write_folder(tmp_path, {"a": 2})
+    _, samples = datasets.list_image_folder(tmp_path)
+    real_open = datasets.open_rgb
+
+    def open_rgb(path):
+        if path.endswith("0.png"):
+            raise error
+        return real_open(path)
+
+    monkeypatch.setattr(datasets, "open_rgb", open_rgb)
+    collated = datasets.collate_skipping([datasets.ImageDataset(samples, no_augment_preset())[i] for i in range(2)])
+    assert len(collated.batch[1]) == 1 and [item.path for item in collated.unreadable] == [samples[0][0]]
+    assert len(datasets.sample_images(samples, count=2, scale=36, seed=0)) == 1
+
+
+def test_image_extensions_are_the_shared_constant(tmp_path):
+    assert datasets.IMAGE_EXTENSIONS is IMAGE_EXTENSIONS
+    folder = tmp_path / "c"
+    folder.mkdir()
+    for name in ("a.JPEG", "b.png", "c.gif", "notes.txt"):
+        Image.new("RGB", (8, 8)).save(folder / name, format="PNG") if name != "notes.txt" else (folder / name).write_text("x")
+    assert [Path(path).name for path, _ in datasets.list_image_folder(tmp_path)[1]] == ["a.JPEG", "b.png", "c.gif"]
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "I;16"])
@@ -272,7 +330,7 @@ def test_any_image_mode_loads_as_rgb(tmp_path, mode):
     image.save(path)
     _, samples = datasets.list_image_folder(tmp_path)
     tensor, label = datasets.ImageDataset(samples, EvalPreset(test_scale=40, crop=32, stats=stats_identity()))[0]
-    assert label == 0 and tensor[0].shape == (3, 32, 32)
+    assert label == 0 and tensor.shape == (5, 3, 32, 32)
 
 
 def test_demo_images_are_deterministic_and_classes_differ():
@@ -316,21 +374,128 @@ def test_checkpoint_round_trip_with_resume_state(tmp_path):
     assert isinstance(rng_state()["numpy"][1], list)
 
 
+def dense_probabilities_by_hand(model, image: torch.Tensor) -> torch.Tensor:
+    """Section 3.2 without :func:`vgg.to_dense`: the FC layers applied as matrices at every
+    position of the conv feature map (each position standing for a 32-crop window), the class
+    score map averaged spatially, softmax; averaged with the mirrored image."""
+    fc6, fc7, fc8 = (m for m in model.classifier if isinstance(m, torch.nn.Linear))
+    probabilities = []
+    for view in (image, image.flip(2)):
+        features = model.features(view[None])[0]  # [C, h, w], one 32x32 window per position
+        columns = features.flatten(1).T  # [h*w, C]; a 1x1 map pooled to 7x7 is C values repeated 49 times
+        hidden = torch.relu(torch.relu(columns.repeat_interleave(49, dim=1) @ fc6.weight.T + fc6.bias) @ fc7.weight.T + fc7.bias)
+        scores = (hidden @ fc8.weight.T + fc8.bias).mean(dim=0)
+        probabilities.append(scores.softmax(dim=0))
+    return torch.stack(probabilities).mean(dim=0)
+
+
 def test_dense_evaluation_averages_softmax_over_scales_and_flips():
-    """With the single scale Q = crop, dense evaluation is the FC net on the image and its mirror."""
-    from training.engine import evaluate_dense
+    from training.engine import dense_probabilities, evaluate_dense
     from training.transforms import DensePreset
 
     torch.manual_seed(0)
-    model = vgg.build("A", num_classes=4, fc_width=16, init="kaiming").eval()
-    images = [torch.randn(3, 32, 32) for _ in range(3)]
-    labels = [0, 1, 2]
+    model = vgg.build("A", num_classes=10, fc_width=16, init="kaiming").eval()
+    images = [torch.randn(3, 64, 96) for _ in range(6)]  # Q = 64 for a 32 crop: a 2x3 score map
+    with torch.no_grad():
+        expected = torch.stack([dense_probabilities_by_hand(model, image) for image in images])
+        scales = [torch.randn(3, 32, 48), images[0]]  # two scales: the mean of each scale's result
+        by_scale = (dense_probabilities_by_hand(model, scales[0]) + expected[0]) / 2
+    dense = vgg.to_dense(model, crop=32).eval()
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(dense_probabilities(dense, [images[0]], device=cpu, amp=False)[0], expected[0])
+    torch.testing.assert_close(dense_probabilities(dense, scales, device=cpu, amp=False)[0], by_scale)
+    labels = expected.argsort(dim=1, descending=True)[:, [0, 0, 1, 4, 5, 9]].diagonal().tolist()  # ranks 1,1,2,5,6,10
     batch = [([image], label) for image, label in zip(images, labels)]
     result = evaluate_dense(model, [batch], crop=32, device=torch.device("cpu"), amp=False)
-    with torch.no_grad():
-        stacked = torch.stack(images)
-        probs = (model(stacked).softmax(1) + model(stacked.flip(3)).softmax(1)) / 2
-    assert result["dense_top1"] == pytest.approx((probs.argmax(1) == torch.tensor(labels)).float().mean().item())
-    assert result["dense_top5"] == 1.0  # 4 classes: top-5 always holds the label
+    assert result == pytest.approx({"dense_top1": 2 / 6, "dense_top5": 4 / 6})
     views = DensePreset(scales=[32, 40], stats=stats_identity())(coordinate_image(64, 32))
     assert [tuple(view.shape) for view in views] == [(3, 32, 64), (3, 40, 80)]
+
+
+# ---------------------------------------------------------------- the CLI's checks
+
+
+def test_resume_continues_in_the_given_out_directory(tmp_path):
+    saved = TrainConfig(cfg="A", out=str(tmp_path / "old"), epochs=2).to_dict()
+    args = argparse.Namespace(resume=True, out=str(tmp_path / "new"), epochs=5, lr=0.5)
+    config = resumed_config(saved, args)
+    assert config.out == str(tmp_path / "new") and config.epochs == 5 and config.lr == TrainConfig().lr
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"dropout": 1.5}, "--dropout"), ({"dropout": -0.1}, "--dropout"), ({"momentum": -1.0}, "--momentum"),
+    ({"weight_decay": -1.0}, "--weight-decay"), ({"workers": -1}, "--workers"), ({"stats_images": 0}, "--stats-images"),
+    ({"lr_factor": 0.0}, "--lr-factor"), ({"lr_patience": -1}, "--lr-patience"), ({"pca_std": -0.1}, "--pca-std"),
+    ({"log_every": -1}, "--log-every"), ({"out": "FILE"}, "is a file"),
+])
+def test_validate_rejects_unusable_flags_in_one_line(tmp_path, change, message):
+    if change.get("out") == "FILE":
+        (tmp_path / "f").write_text("x")
+        change = {"out": str(tmp_path / "f")}
+    config = dataclasses.replace(TrainConfig(data=str(tmp_path)), **change)
+    with pytest.raises(UsageError, match=message) as error:
+        validate(config, world_size=1)
+    assert "\n" not in str(error.value)
+    validate(dataclasses.replace(config, **{key: getattr(TrainConfig(), key) for key in change}), world_size=1)
+
+
+@pytest.mark.parametrize(("name", "message"), [("foo", "expected auto, cpu"), ("cuda", "no CUDA GPU"),
+                                               ("cuda:1", "no CUDA GPU"), ("meta", "expected auto, cpu")])
+def test_unusable_device_is_a_usage_error(monkeypatch, name, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match=message):
+        resolve_device(name)
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")
+
+
+def test_process_group_timeout_outlasts_rank_0_evaluation(monkeypatch):
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(training_run.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(training_run.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    runtime = training_run.setup_runtime("cpu")
+    assert runtime.rank == 1 and runtime.distributed
+    assert calls == [{"backend": "gloo", "timeout": training_run.PROCESS_GROUP_TIMEOUT}]
+    assert training_run.PROCESS_GROUP_TIMEOUT.total_seconds() >= 3600
+
+
+def test_diverging_run_is_one_line_and_exit_1(monkeypatch, capsys):
+    def diverge(args):
+        raise FloatingPointError("training loss is nan at epoch 1 step 10")
+
+    monkeypatch.setattr(training_run, "main", diverge)
+    assert training_run.cli(["--data", "x"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: training diverged") and "\n" not in error
+
+
+@pytest.mark.parametrize("arch", [{}, {"cfg": "A", "batch_norm": False}, {"cfg": "Z", "num_classes": 3, "batch_norm": False},
+                                  {"cfg": "A", "num_classes": "ten", "batch_norm": False}, "A"])
+def test_model_from_checkpoint_with_a_bad_arch_is_a_checkpoint_error(arch):
+    from vgg.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="arch"):
+        model_from_checkpoint({"arch": arch, "model": {}})
+
+
+def draw_epochs(tmp_path, epochs: list[int]) -> list[torch.Tensor]:
+    """Training batches of the given epochs from freshly built loaders with 2 workers."""
+    write_folder(tmp_path / "train", {"a": 4, "b": 4}, size=40)
+    splits = datasets.folder_splits(tmp_path, val_split=0.25, seed=0)
+    config = TrainConfig(cfg="A", scale=(36, 44), crop=32, batch_size=6, workers=2, seed=3)
+    loaders = make_loaders(config, splits, stats_identity(), Runtime(device=torch.device("cpu"), rank=0, world_size=1))
+    torch.manual_seed(123)  # the main process's RNG differs between the epochs of a run and a resumed run
+    drawn = []
+    for epoch in epochs:
+        torch.rand(epoch)
+        loaders.start_epoch(epoch, seed=config.seed, rank=0)
+        drawn.append(torch.cat([batch[0] for batch in loaders.train]))
+    return drawn
+
+
+def test_worker_augmentations_depend_only_on_seed_and_epoch(tmp_path):
+    """A resumed run's workers (started at epoch 2) draw what an uninterrupted run's draw in epoch 2."""
+    first, second = draw_epochs(tmp_path, [1, 2])
+    (resumed,) = draw_epochs(tmp_path / "again", [2])
+    assert torch.equal(resumed, second) and not torch.equal(first, second)

@@ -10,17 +10,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vgg.preprocessing import ImageDecodeError, open_rgb
+from vgg.preprocessing import IMAGE_EXTENSIONS, open_rgb
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 DOWNLOADABLE = ("cifar10", "stl10", "imagenette")
 
 
@@ -140,44 +139,94 @@ def _write_image_folder(splits: dict, destination: Path) -> None:
     os.replace(temporary, destination)
 
 
+class Unreadable(NamedTuple):
+    """What :class:`ImageDataset` returns for a file it cannot decode."""
+
+    path: str
+    reason: str
+
+
+class Collated(NamedTuple):
+    """A collated batch (``None`` when every file was unreadable) and the unreadable files.
+
+    A NamedTuple so that the DataLoader's pin-memory thread pins ``batch``.
+    """
+
+    batch: Any
+    unreadable: list[Unreadable]
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def load_rgb(path: str):
+    """:func:`vgg.preprocessing.open_rgb`, or an :class:`Unreadable` for any failure: a
+    strange file (struct.error, KeyError... from a decoder) must never stop an epoch."""
+    try:
+        return open_rgb(path)
+    except Exception as error:  # noqa: BLE001 - per-file loading: report and skip, whatever the cause
+        return Unreadable(path, _one_line(error))
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """``(path, label)`` samples decoded with :func:`vgg.preprocessing.open_rgb` (any mode to RGB).
 
-    An unreadable file is reported once (path and reason) and yields ``None``, which
-    :func:`collate_skipping` drops from the batch, so an epoch never stops on a bad file.
+    An unreadable file yields an :class:`Unreadable`, which the collate functions drop from
+    the batch and pass on; :class:`ReportingLoader` logs it once, in the main process.
     """
 
     def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], object]) -> None:
         self.samples, self.transform = samples, transform
-        self._reported: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        try:
-            image = open_rgb(path)
-        except (ImageDecodeError, OSError) as error:
-            if path not in self._reported:
-                self._reported.add(path)
-                log.warning("skipping unreadable image %s: %s", path, error)
-            return None
+        image = load_rgb(path)
+        if isinstance(image, Unreadable):
+            return image
         return self.transform(image), label
 
 
-def collate_skipping(batch: list):
-    """Default collation of the readable samples (an empty batch gives ``None``)."""
-    batch = [item for item in batch if item is not None]
-    if not batch:
-        return None
-    return torch.utils.data.default_collate(batch)
+def _split(items: list) -> tuple[list, list[Unreadable]]:
+    readable = [item for item in items if not isinstance(item, Unreadable)]
+    return readable, [item for item in items if isinstance(item, Unreadable)]
 
 
-def collate_lists(batch: list):
+def collate_skipping(items: list) -> Collated:
+    """Default collation of the readable samples (``batch`` is ``None`` when there are none)."""
+    readable, unreadable = _split(items)
+    return Collated(torch.utils.data.default_collate(readable) if readable else None, unreadable)
+
+
+def collate_lists(items: list) -> Collated:
     """For dense evaluation: images of different sizes stay a list."""
-    batch = [item for item in batch if item is not None]
-    return batch or None
+    readable, unreadable = _split(items)
+    return Collated(readable or None, unreadable)
+
+
+class ReportingLoader:
+    """Iterates a DataLoader built with the collate functions above and yields the batches
+    (``None`` for an all-unreadable batch); logs each unreadable file once over all epochs
+    and workers (the log happens here, in the main process)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for collated in self.loader:
+            for item in collated.unreadable:
+                if item.path not in self.reported:
+                    self.reported.add(item.path)
+                    log.warning("skipping unreadable image %s: %s", item.path, item.reason)
+            yield collated.batch
 
 
 def sample_images(samples: list[Sample], *, count: int, scale: int, seed: int) -> list[Image.Image]:
@@ -188,8 +237,9 @@ def sample_images(samples: list[Sample], *, count: int, scale: int, seed: int) -
     chosen = rng.permutation(len(samples))[:count]
     images = []
     for index in chosen:
-        try:
-            images.append(resize_shortest_side(open_rgb(samples[index][0]), scale))
-        except (ImageDecodeError, OSError) as error:
-            log.warning("skipping unreadable image %s: %s", samples[index][0], error)
+        image = load_rgb(samples[index][0])
+        if isinstance(image, Unreadable):
+            log.warning("skipping unreadable image %s: %s", image.path, image.reason)
+        else:
+            images.append(resize_shortest_side(image, scale))
     return images

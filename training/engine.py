@@ -52,17 +52,26 @@ def train_one_epoch(
     epoch: int,
     show_progress: bool = True,
     log_every: int = 0,
+    crop: int | None = None,
 ) -> EpochStats:
     """One pass over ``loader`` with mini-batch SGD; returns the mean loss and accuracy
-    (summed over all ranks when distributed)."""
+    (summed over all ranks when distributed).
+
+    Under DDP, a batch whose files were all unreadable (``None``) still takes part in the
+    gradient all-reduce with a zero-loss step (:func:`_zero_step`, needs ``crop``), so the
+    other ranks do not wait for it forever and every rank applies the same update.
+    """
     model.train()
     start = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
     seen = torch.zeros((), dtype=torch.float64, device=device)
     bar = _progress(loader, total=len(loader), description=f"epoch {epoch}", enabled=show_progress)
+    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
     for step, batch in enumerate(bar, start=1):
         if batch is None:
+            if distributed:
+                _zero_step(model, optimizer, device=device, crop=crop)
             continue
         images, labels = batch
         images = images.to(device, non_blocking=True)
@@ -97,6 +106,22 @@ def train_one_epoch(
     )
 
 
+def _zero_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device, crop: int | None) -> None:
+    """A DDP step contributing zero gradients: one black image through the model in eval mode
+    (no BatchNorm statistics or dropout draws), ``0 * output`` backward (the all-reduce runs),
+    then the optimizer step every rank takes with the averaged gradients."""
+    if crop is None:
+        raise RuntimeError("a DDP rank got a batch of only unreadable images; train_one_epoch needs crop= to join the step")
+    model.eval()
+    try:
+        dummy = torch.zeros(1, 3, crop, crop, device=device)
+        optimizer.zero_grad(set_to_none=True)
+        (model(dummy).float().sum() * 0.0).backward()
+        optimizer.step()
+    finally:
+        model.train()
+
+
 def topk_correct(probabilities: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     k = min(k, probabilities.shape[1])
     return int((probabilities.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum())
@@ -106,27 +131,41 @@ def topk_correct(probabilities: torch.Tensor, labels: torch.Tensor, k: int) -> i
 def evaluate(model: nn.Module, loader, *, device: torch.device, amp: bool, channels_last: bool,
              show_progress: bool = True) -> dict[str, float]:
     """Top-1/top-5 accuracy with the single centre crop and with FiveCrop (softmax averaged
-    over the five crops, the TTA the service runs)."""
+    over the five crops, the TTA the service runs). The loader yields the five crops
+    ``[N, 5, 3, c, c]`` in torchvision's order; the centre crop is the fifth."""
     model.eval()
     counts = {"center_top1": 0, "center_top5": 0, "five_top1": 0, "five_top5": 0}
     total = 0
     for batch in _progress(loader, total=len(loader), description="val", enabled=show_progress):
         if batch is None:
             continue
-        (center, five), labels = batch
+        five, labels = batch
         n = len(labels)
-        images = torch.cat([center, five.flatten(0, 1)]).to(device)
+        images = five.flatten(0, 1).to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            probabilities = model(images).float().softmax(dim=1).cpu()
-        center_probs = probabilities[:n]
-        five_probs = probabilities[n:].view(n, 5, -1).mean(dim=1)
+            probabilities = model(images).float().softmax(dim=1).cpu().view(n, 5, -1)
+        center_probs = probabilities[:, 4]
+        five_probs = probabilities.mean(dim=1)
         for name, probs in (("center", center_probs), ("five", five_probs)):
             counts[f"{name}_top1"] += topk_correct(probs, labels, 1)
             counts[f"{name}_top5"] += topk_correct(probs, labels, 5)
         total += n
     return {key: value / max(total, 1) for key, value in counts.items()}
+
+
+@torch.no_grad()
+def dense_probabilities(dense: nn.Module, views: list[torch.Tensor], *, device: torch.device, amp: bool) -> torch.Tensor:
+    """Section 3.2 for one image: ``dense`` (spatially averaged class scores) on each scale's
+    view and its horizontal flip, softmax per view, averaged: ``[1, classes]``."""
+    probabilities = []
+    for image in views:
+        x = image.unsqueeze(0).to(device)
+        with autocast(device, amp):
+            for flipped in (x, x.flip(3)):
+                probabilities.append(dense(flipped).float().softmax(dim=1).cpu())
+    return torch.cat(probabilities).mean(dim=0, keepdim=True)
 
 
 @torch.no_grad()
@@ -139,13 +178,7 @@ def evaluate_dense(model: nn.Module, loader, *, crop: int, device: torch.device,
         if batch is None:
             continue
         for views, label in batch:
-            probabilities = []
-            for image in views:
-                x = image.unsqueeze(0).to(device)
-                with autocast(device, amp):
-                    for flipped in (x, x.flip(3)):
-                        probabilities.append(dense(flipped).float().softmax(dim=1).cpu())
-            mean = torch.cat(probabilities).mean(dim=0, keepdim=True)
+            mean = dense_probabilities(dense, views, device=device, amp=amp)
             correct1 += topk_correct(mean, torch.tensor([label]), 1)
             correct5 += topk_correct(mean, torch.tensor([label]), 5)
             total += 1

@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,20 @@ class ExportFailed(RuntimeError):
     """Training finished but exporting best.pt did not; one line, exit code 1."""
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line ``error: ...`` on stderr and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+# Rank 0 evaluates (``--eval-dense`` can take long) while the others wait in a collective:
+# far above the default 10 min (nccl) / 30 min (gloo) process-group timeout.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
+RESUME_KEYS = ("config", "optimizer", "lr_rule", "epoch", "rng", "history")
+STATS_KEYS = ("mean", "std", "pca_eigval", "pca_eigvec")
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -63,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     geometry only fills in what the user did not choose.
     """
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0],
+    p = OneLineArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0],
                                 argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = p.add_argument_group("model (paper, Table 1)")
@@ -132,15 +147,43 @@ RESUME_OVERRIDES = ("epochs", "export", "workers", "log_every", "device")
 
 
 def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> TrainConfig:
-    """The saved configuration of a run; only how long and where it runs may change."""
+    """The saved configuration of a run; only how long and where it runs may change. It
+    continues in ``--out`` (where its last.pt was read), even if the run was moved there."""
     given = {key: value for key, value in vars(args).items() if key not in ("resume", "out")}
     ignored = sorted(set(given) - set(RESUME_OVERRIDES))
     if ignored:
         log.warning("--resume keeps the saved recipe; ignoring %s", ", ".join(f"--{k.replace('_', '-')}" for k in ignored))
-    return dataclasses.replace(TrainConfig.from_dict(saved), **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
+    kept = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
+    return dataclasses.replace(TrainConfig.from_dict(saved), **kept, out=str(args.out))
+
+
+def check_resume_state(state: dict[str, Any], path: Path) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` carries everything a resume reads."""
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume, the checkpoint lacks {', '.join(missing)}")
+    if not isinstance(state["config"], dict) or not isinstance(state["history"], list):
+        raise CheckpointError(f"{path}: cannot resume, malformed config or history")
+    stats = state["preprocess"] if isinstance(state["preprocess"], dict) else {}
+    missing = [key for key in STATS_KEYS if key not in stats]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume, its preprocess lacks {', '.join(missing)}")
+    if not isinstance(state["config"].get("data"), str):
+        raise CheckpointError(f"{path}: cannot resume, the saved configuration names no data folder")
+    try:
+        TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot resume, malformed saved configuration ({error})") from None
 
 
 def validate(config: TrainConfig, *, world_size: int) -> None:
+    """Raise :class:`UsageError` (one line) for a configuration that cannot run."""
+    _validate_geometry(config, world_size=world_size)
+    _validate_optimiser(config)
+    _validate_running(config)
+
+
+def _validate_geometry(config: TrainConfig, *, world_size: int) -> None:
     if len(config.scale) not in (1, 2) or config.scale_range[0] > config.scale_range[1]:
         raise UsageError(f"--scale takes S or SMIN SMAX with SMIN <= SMAX, got {list(config.scale)}")
     if config.crop < 32 or config.scale_range[0] < config.crop:
@@ -153,6 +196,29 @@ def validate(config: TrainConfig, *, world_size: int) -> None:
         raise UsageError("--epochs, --fc-width and --lr must be positive")
     if config.data is not None and config.dataset is not None:
         raise UsageError("give --data or --dataset, not both")
+    if config.stats_images < 1:
+        raise UsageError(f"--stats-images must be at least 1, got {config.stats_images}")
+
+
+def _validate_optimiser(config: TrainConfig) -> None:
+    if not 0.0 <= config.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
+    for flag, value in (("--momentum", config.momentum), ("--weight-decay", config.weight_decay),
+                        ("--pca-std", config.pca_std), ("--lr-patience", config.lr_patience),
+                        ("--lr-max-decreases", config.lr_max_decreases)):
+        if value < 0:
+            raise UsageError(f"{flag} must not be negative, got {value}")
+    if not 0.0 < config.lr_factor <= 1.0:
+        raise UsageError(f"--lr-factor must be in (0, 1], got {config.lr_factor}")
+
+
+def _validate_running(config: TrainConfig) -> None:
+    if config.workers is not None and config.workers < 0:
+        raise UsageError(f"--workers must not be negative, got {config.workers}")
+    if config.log_every < 0:
+        raise UsageError(f"--log-every must not be negative, got {config.log_every}")
+    if config.out is not None and Path(config.out).exists() and not Path(config.out).is_dir():
+        raise UsageError(f"--out {config.out} is a file, not a directory")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -173,19 +239,34 @@ class Runtime:
         return self.world_size > 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``; :class:`UsageError` otherwise."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA GPU is available (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def setup_runtime(device_name: str) -> Runtime:
     """Device auto-selection; process group from torchrun's environment variables."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
+    device = resolve_device(device_name)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return Runtime(device=device, rank=rank, world_size=world_size)
 
 
@@ -247,26 +328,52 @@ def build_model(config: TrainConfig, *, num_classes: int) -> tuple[nn.Module, st
     return model, init
 
 
-def make_loaders(config: TrainConfig, splits: datasets.Splits, stats: Stats, runtime: Runtime):
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the DataLoader workers' RNGs for one epoch: a function of (seed, epoch, rank)
+    only, so a resumed run's workers draw the same augmentations as an uninterrupted run's."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
+@dataclass(frozen=True)
+class Loaders:
+    sampler: DistributedSampler
+    train: datasets.ReportingLoader
+    val: datasets.ReportingLoader
+    dense: datasets.ReportingLoader | None
+    worker_generator: torch.Generator | None  # only with workers: reseeded every epoch
+
+    def start_epoch(self, epoch: int, *, seed: int, rank: int) -> None:
+        self.sampler.set_epoch(epoch)
+        if self.worker_generator is not None:
+            self.worker_generator.manual_seed(epoch_seed(seed, epoch, rank))
+
+
+def make_loaders(config: TrainConfig, splits: datasets.Splits, stats: Stats, runtime: Runtime) -> Loaders:
     workers = config.workers
     if workers is None:
         workers = min(8, os.cpu_count() or 1) if runtime.device.type == "cuda" else 0
-    common = {"num_workers": workers, "pin_memory": runtime.device.type == "cuda",
-              "persistent_workers": workers > 0}
+    pin = runtime.device.type == "cuda"
     train_set = datasets.ImageDataset(splits.train, TrainPreset(
         scale_range=config.scale_range, crop=config.crop, stats=stats, pca_std=config.pca_std, augment=config.augment))
     # The same sampler in one process or many: the global batch is the same set of images.
     sampler = DistributedSampler(train_set, num_replicas=runtime.world_size, rank=runtime.rank,
                                  shuffle=True, seed=config.seed)
+    # Training workers start afresh each epoch from a generator seeded by (seed, epoch, rank).
+    # With no workers the augmentations use the main process's RNG, saved in last.pt.
+    generator = torch.Generator() if workers > 0 else None
     train_loader = DataLoader(train_set, batch_size=config.batch_size // runtime.world_size, sampler=sampler,
-                              collate_fn=datasets.collate_skipping, **common)
+                              collate_fn=datasets.collate_skipping, num_workers=workers, pin_memory=pin,
+                              generator=generator)
     val_set = datasets.ImageDataset(splits.val, EvalPreset(test_scale=config.test_scale, crop=config.crop, stats=stats))
-    val_loader = DataLoader(val_set, batch_size=max(1, config.batch_size // 5), collate_fn=datasets.collate_skipping, **common)
+    val_loader = DataLoader(val_set, batch_size=max(1, config.batch_size // 5), collate_fn=datasets.collate_skipping,
+                            num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     dense_loader = None
     if config.eval_dense:
         dense_set = datasets.ImageDataset(splits.val, DensePreset(scales=dense_scales(config.scale_range, config.crop), stats=stats))
-        dense_loader = DataLoader(dense_set, batch_size=8, collate_fn=datasets.collate_lists, num_workers=workers)
-    return sampler, train_loader, val_loader, dense_loader
+        dense_loader = datasets.ReportingLoader(
+            DataLoader(dense_set, batch_size=8, collate_fn=datasets.collate_lists, num_workers=workers))
+    return Loaders(sampler=sampler, train=datasets.ReportingLoader(train_loader), val=datasets.ReportingLoader(val_loader),
+                   dense=dense_loader, worker_generator=generator)
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -346,6 +453,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, "out", None) is None:
             raise UsageError("--resume needs --out DIR (the run to continue)")
         resume_state = load_checkpoint(Path(args.out) / "last.pt")
+        check_resume_state(resume_state, Path(args.out) / "last.pt")
         config = resumed_config(resume_state["config"], args)
         demo = config.data is not None and Path(config.data) == demo_data_dir()
         log.info("resuming %s after epoch %d with its saved configuration", args.out, resume_state["epoch"])
@@ -361,7 +469,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"{config.data}: no validation images (add val/ or more images per class)")
     if demo:
         log.info("DEMO: %s", DEMO_HINT)
-    stats = Stats(**{k: resume_state["preprocess"][k] for k in ("mean", "std", "pca_eigval", "pca_eigvec")}) \
+    stats = Stats(**{k: resume_state["preprocess"][k] for k in STATS_KEYS}) \
         if resume_state else compute_stats(config, splits.train)
 
     seed_everything(config.seed + runtime.rank)
@@ -373,12 +481,8 @@ def main(args: argparse.Namespace) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     rule, start_epoch, history = PlateauState(lr=config.lr), 1, []
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        rule = PlateauState.from_dict(resume_state["lr_rule"])
-        start_epoch, history = resume_state["epoch"] + 1, list(resume_state["history"])
-        init = resume_state["config"].get("init_used", init)
-        set_rng_state(resume_state["rng"])
+        rule, start_epoch, history, init = restore(resume_state, model=model, optimizer=optimizer, init=init,
+                                                   path=Path(config.out) / "last.pt")
     train_model = nn.parallel.DistributedDataParallel(model) if runtime.distributed else model
 
     log.info("VGG-%s%s, %d classes, %d train / %d val images from %s", config.cfg, "-BN" if config.batch_norm else "",
@@ -390,18 +494,18 @@ def main(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**config.to_dict(), "init_used": init}, indent=2) + "\n")
 
-    sampler, train_loader, val_loader, dense_loader = make_loaders(config, splits, stats, runtime)
+    loaders = make_loaders(config, splits, stats, runtime)
     best_top1 = max((1 - row["five_top1_err"] for row in history), default=-1.0)
     for epoch in range(start_epoch, config.epochs + 1):
         for group in optimizer.param_groups:
             group["lr"] = rule.lr
-        sampler.set_epoch(epoch)
-        train = train_one_epoch(train_model, train_loader, optimizer, device=runtime.device, amp=config.amp,
+        loaders.start_epoch(epoch, seed=config.seed, rank=runtime.rank)
+        train = train_one_epoch(train_model, loaders.train, optimizer, device=runtime.device, amp=config.amp,
                                 channels_last=channels_last, epoch=epoch, show_progress=runtime.is_main,
-                                log_every=config.log_every)
+                                log_every=config.log_every, crop=config.crop)
         row: dict[str, Any] = {"epoch": epoch, "lr": rule.lr, "train_loss": train.loss, "train_top1_err": 1 - train.top1}
         if runtime.is_main:
-            row.update(evaluate_epoch(model, val_loader, dense_loader, config=config, runtime=runtime,
+            row.update(evaluate_epoch(model, loaders.val, loaders.dense, config=config, runtime=runtime,
                                       channels_last=channels_last))
         val_top1 = broadcast_float(1 - row.get("five_top1_err", 0.0), runtime)
         row["seconds"] = round(train.seconds, 1)
@@ -430,6 +534,22 @@ def main(args: argparse.Namespace) -> int:
     if runtime.distributed:
         dist.destroy_process_group()
     return 0
+
+
+def restore(state: dict[str, Any], *, model: nn.Module, optimizer, init: str,
+            path: Path) -> tuple[PlateauState, int, list[dict[str, Any]], str]:
+    """Load the resume state of ``last.pt`` into ``model``/``optimizer`` and the RNGs; returns
+    the LR rule, the first epoch to run, the history and the init description."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rule = PlateauState.from_dict(state["lr_rule"])
+        set_rng_state(state["rng"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: cannot resume from it ({reason})") from None
+    return rule, start_epoch, history, state["config"].get("init_used", init)
 
 
 def evaluate_epoch(model, val_loader, dense_loader, *, config: TrainConfig, runtime: Runtime,
@@ -481,6 +601,9 @@ def cli(argv: list[str] | None = None) -> int:
         return 2
     except ExportFailed as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except FloatingPointError as error:
+        print(f"error: training diverged ({error}); try a lower --lr", file=sys.stderr)
         return 1
 
 

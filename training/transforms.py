@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vgg.preprocessing import center_crop, resize_shortest_side
+from vgg.preprocessing import center_crop, center_offset, resize_shortest_side, to_graph_input
 
 
 def _randint(low: int, high: int) -> int:
@@ -171,7 +171,7 @@ class TrainPreset:
 
 def five_crop_boxes(width: int, height: int, crop: int) -> list[tuple[int, int, int, int]]:
     """torchvision's FiveCrop order: top-left, top-right, bottom-left, bottom-right, centre."""
-    left, top = int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
+    left, top = center_offset(width, crop), center_offset(height, crop)
     return [
         (0, 0, crop, crop),
         (width - crop, 0, width, crop),
@@ -182,19 +182,19 @@ def five_crop_boxes(width: int, height: int, crop: int) -> list[tuple[int, int, 
 
 
 class EvalPreset:
-    """Validation views of one image at test scale Q: the centre crop ``[3, c, c]`` and the
-    five crops ``[5, 3, c, c]`` of the central ``Q x Q`` square (what the service computes
-    from ``to_graph_input``)."""
+    """Validation views of one image at test scale Q (section 3.2): the five crops
+    ``[5, 3, c, c]`` (torchvision's order, the centre crop last) of
+    :func:`vgg.preprocessing.to_graph_input`'s ``Q x Q`` square, the service's input."""
 
     def __init__(self, *, test_scale: int, crop: int, stats: Stats) -> None:
         self.test_scale, self.crop = test_scale, crop
-        self.to_tensor, self.normalize = ToTensor(), Normalize(stats.mean, stats.std)
+        self.normalize = Normalize(stats.mean, stats.std)
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        square = center_crop(resize_shortest_side(image, self.test_scale), self.test_scale)
-        views = [square.crop(box) for box in five_crop_boxes(*square.size, self.crop)]
-        five = torch.stack([self.normalize(self.to_tensor(view)) for view in views])
-        return five[4], five
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        square = torch.tensor(to_graph_input(image, self.test_scale), dtype=torch.float32).permute(2, 0, 1)
+        views = [square[:, top:bottom, left:right] for left, top, right, bottom in
+                 five_crop_boxes(self.test_scale, self.test_scale, self.crop)]
+        return self.normalize(torch.stack(views))
 
 
 def dense_scales(scale_range: tuple[int, int], crop: int) -> list[int]:

@@ -1,0 +1,60 @@
+"""Shared helpers of the training tests (imported like export_helpers)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from training.demo import CLASSES, make_image
+from training.transforms import Stats
+
+
+def write_folder(root: Path, counts: dict[str, int], size: int = 40) -> None:
+    """``root/<class>/<i>.png`` demo images, ``counts[class]`` of each."""
+    for label, (name, count) in enumerate(counts.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            make_image(label % len(CLASSES), index, size=size).save(folder / f"{index}.png")
+
+
+def coordinate_image(width: int, height: int) -> Image.Image:
+    """R = x, G = y: every pixel says where it came from."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    return Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], axis=-1).astype(np.uint8))
+
+
+def stats_identity() -> Stats:
+    return Stats(mean=[0.0] * 3, std=[1.0] * 3, pca_eigval=[0.0] * 3, pca_eigvec=np.eye(3).tolist())
+
+
+def tiny_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 2))
+
+
+def ddp_rank_with_unreadable_batch(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two gloo ranks running ``train_one_epoch`` on 2 batches; rank 1's first batch
+    was all unreadable (``None``). Saves the final weights to ``out_dir/rank<r>.pt``."""
+    import torch.distributed as dist
+
+    from training.engine import train_one_epoch
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(tiny_net())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(4, 3, 8, 8, generator=generator), torch.tensor([0, 1, 0, 1])) for _ in range(2)]
+    if rank == 1:
+        batches[0] = None
+    train_one_epoch(model, batches, optimizer, device=torch.device("cpu"), amp=False, channels_last=False,
+                    epoch=1, show_progress=False, crop=8)
+    torch.save(model.module.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
