@@ -27,7 +27,8 @@ IMAGES_PER_CLASS = 250
 # crop that survives VGG's five 2x2 poolings; S is jittered in [36, 44], so Q = 40.
 # BatchNorm + Kaiming init: in the ~50 SGD steps a 2-core CPU affords, a plain VGG-D
 # (Glorot or Kaiming init, no BatchNorm) is still near chance or unstable at lr 1e-2;
-# with BatchNorm it passes 95% validation accuracy in about 20 steps.
+# with BatchNorm it passes 95% validation accuracy by epoch 3 (27 steps; measured 86% after
+# 18 steps, 99.2% FiveCrop top-1 after 27).
 DEMO_OVERRIDES = {"scale": (36, 44), "crop": 32, "epochs": 6, "batch_norm": True, "init": "kaiming",
                   "stats_images": 500}
 
