@@ -121,7 +121,17 @@ def held_out(data: Path, *, seed: int) -> tuple[list[str], list[Sample]]:
 
 
 def run_training(step: Step, *, data: Path, out: Path, args: argparse.Namespace) -> dict:
-    """Train one step as ``python -m training.run``; return its wall time and metrics."""
+    """Train one step as ``python -m training.run``; return its wall time and metrics.
+
+    A step that already finished in ``out`` (its ``<step>.json`` record exists with the same
+    epoch count) is reused, so an interrupted protocol continues where it stopped.
+    """
+    record = out / f"{step.name}.json"
+    if record.exists():
+        done = json.loads(record.read_text())
+        if done.get("epochs") == step.epochs:
+            log.info("step %s: reusing the finished run in %s", step.name, out / step.name)
+            return done
     geometry = GEOMETRIES[args.geometry]
     run_dir = out / step.name
     command = [
@@ -146,7 +156,7 @@ def run_training(step: Step, *, data: Path, out: Path, args: argparse.Namespace)
     train_seconds = sum(float(row["seconds"]) for row in rows)
     config = json.loads((run_dir / "config.json").read_text())
     train_images = len(folder_splits(data, val_split=0.1, seed=args.seed).train)
-    return {
+    done = {
         "name": step.name,
         "cfg": step.cfg,
         "init": config.get("init_used"),
@@ -156,6 +166,8 @@ def run_training(step: Step, *, data: Path, out: Path, args: argparse.Namespace)
         "train_images_per_s": round(train_images * len(rows) / max(train_seconds, 1e-9), 1),
         "checkpoint": str(run_dir / "best.pt"),
     }
+    record.write_text(json.dumps(done, indent=2) + "\n")
+    return done
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -294,13 +306,19 @@ def main(args: argparse.Namespace) -> int:
     runs = []
     for step in steps:
         run = run_training(step, data=data, out=out, args=args)
-        run["errors"], run["five_predictions"] = evaluate_checkpoint(
-            run["checkpoint"], val, test_scale=geometry["test_scale"], scale_range=geometry["scale"],
-            batch=args.eval_batch, amp=args.amp, device=eval_device)
+        if "errors" not in run:
+            run["errors"], run["five_predictions"] = evaluate_checkpoint(
+                run["checkpoint"], val, test_scale=geometry["test_scale"], scale_range=geometry["scale"],
+                batch=args.eval_batch, amp=args.amp, device=eval_device)
+            (out / f"{step.name}.json").write_text(json.dumps(run, indent=2) + "\n")
         log.info("%s: %s", step.name, run["errors"])
         runs.append(run)
 
     best_d = min((r for r in runs if r["cfg"] == "D"), key=lambda r: r["errors"]["five"][0])
+    if "five_predictions" not in best_d:  # a reused record from before predictions were kept
+        _, best_d["five_predictions"] = evaluate_checkpoint(
+            best_d["checkpoint"], val, test_scale=geometry["test_scale"], scale_range=geometry["scale"],
+            batch=args.eval_batch, amp=args.amp, device=eval_device)
     served, tag = classify_over_http(best_d["checkpoint"], val, workdir=out, batch=args.http_batch)
     labels = [label for _, label in val]
     offline = best_d["five_predictions"]
