@@ -35,6 +35,7 @@ from serving.guard import RequestGuard
 from serving.images import ApiError, preprocess_upload
 from serving.metrics import inference_metrics
 from serving.settings import Settings, SettingsError
+from vgg.errors import one_line
 
 logger = logging.getLogger("bentoml.vgg")
 
@@ -81,8 +82,7 @@ async def infer_all(
         raise
     except Exception as error:  # ONNX Runtime raises its own types
         logger.exception("inference failed")
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise ApiError(503, f"inference failed: {reason}") from None
+        raise ApiError(503, f"inference failed: {one_line(error)}") from None
 
 
 def error_response(error: ApiError) -> JSONResponse:

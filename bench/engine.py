@@ -1,4 +1,4 @@
-"""Inference engine benchmark: the exported VGG graph in ONNX Runtime vs PyTorch eager (issue 4).
+"""Inference engine benchmark: the exported VGG graph in ONNX Runtime vs PyTorch eager.
 
 Builds VGG-D (paper configuration D, fc 4096, 1000 classes, random weights: speed does not
 depend on the values), exports it with :mod:`export` exactly as a checkpoint would be (uint8
@@ -12,7 +12,7 @@ uint8 images, one run each:
 - with a CUDA GPU: ORT CUDA fp32 and fp16 with IO binding (input and output on the device),
   and PyTorch eager on the GPU.
 
-It prints images/s, the ratios the issue asks for (fp32 ORT / PyTorch, int8 / fp32) and the
+It prints images/s, the target ratios (fp32 ORT / PyTorch, int8 / fp32) and the
 achieved GFLOP/s against an estimate of the machine's peak. VGG-D costs 15.47 GMAC per
 224x224 crop (paper Table 2's D, counted in ``MACS_PER_CROP``), 5 crops per image.
 

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from export.graph import InferenceGraph  # noqa: E402
-from serving.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
+from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
 from training.data import Sample, folder_splits  # noqa: E402
 from training.transforms import dense_scales  # noqa: E402
 from vgg.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
@@ -59,7 +59,6 @@ GEOMETRIES = {
     "paper": {"scale": (256, 512), "crop": 224, "test_scale": 256},
     "quarter": {"scale": (64, 128), "crop": 56, "test_scale": 64},
 }
-TTAS = ("center", "five", "ten")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,7 @@
 # (training.run does both on CUDA), then the same table as the CPU protocol, plus the
 # training throughput (in the table) and ONNX Runtime CUDA serving throughput (bench/engine.py).
 #
-# Data: code and data must travel together under 64 MiB, so the GPU run uses a stated
-# subset of Imagenette: the first $PER_CLASS (default 380) images of each of the 10 classes,
+# Data: a stated subset of Imagenette, small enough to copy to a GPU machine with the code: the first $PER_CLASS (default 380) images of each of the 10 classes,
 # about 45 MiB, copied (not linked) into .data/imagenette-gpu by `bash bench/reproduce_gpu.sh
 # --prepare` on a machine that has ../shared/data. Then, on the GPU machine, from the repo root:
 #

@@ -8,7 +8,7 @@ level, ``--time-limit`` seconds at most) measures throughput and p50/p99 latency
 (c) ``engine``:  the same decode + preprocessing + :class:`serving.engine.Engine` in-process,
                  no HTTP, perfectly batched: batches of ``c`` images at concurrency ``c``.
 
-All three use the same ONNX file. Targets (issue 5): at c=32 the service reaches >= 90% of the
+All three use the same ONNX file. Targets: at c=32 the service reaches >= 90% of the
 engine's throughput and beats the naive server; at c=1 its p50 is within 15 ms of the engine's.
 
     .venv/bin/python bench/serve.py --tiny --requests 64            # a small model, ~2 minutes
@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from serving.engine import Engine, EngineError, ModelFiles, resolve_model  # noqa: E402
-from serving.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
+from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
 from vgg.preprocessing import open_rgb, to_graph_input  # noqa: E402
 
 IMAGENETTE = REPO_ROOT.parent / "shared" / "data" / "imagenette" / "train"

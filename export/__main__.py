@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, NoReturn
+from typing import Callable
 
 from export.core import (
     INT8_AGREEMENT_IMAGES,
@@ -19,13 +19,7 @@ from export.core import (
     export_checkpoint,
 )
 from export.graph import TTA_MODES
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments: one ``error: ...`` line and exit code 2, no usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
+from vgg.errors import OneLineArgumentParser
 
 
 def count_at_least(minimum: int) -> Callable[[str], int]:
@@ -42,7 +36,7 @@ def count_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(
+    parser = OneLineArgumentParser(
         prog="python -m export",
         description="Export a VGG training checkpoint to ONNX (preprocessing and test-time crops inside the "
         "graph), check it against PyTorch, and register it in the BentoML store as vgg:<version>.",

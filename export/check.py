@@ -20,7 +20,6 @@ import onnxruntime as ort
 from vgg.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, open_rgb, to_graph_input
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "image_files",
     "training_folder",
     "load_graph_inputs",
@@ -31,8 +30,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the one list, shared with training
 
 
 def training_folder(data: str | os.PathLike | None) -> Path | None:
@@ -50,7 +47,7 @@ def training_folder(data: str | os.PathLike | None) -> Path | None:
 def image_files(folder: str | os.PathLike, *, seed: int = 0) -> list[Path]:
     """All image files under ``folder``, in a fixed shuffled order (``seed``), so that any
     prefix samples all classes."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     random.Random(seed).shuffle(files)
     return files
 

@@ -25,6 +25,7 @@ from export import check, registry
 from export.graph import TTA_MODES, InferenceGraph
 from export.onnx_io import OPSET, save_onnx, set_metadata, to_onnx
 from export.reference import reference_probs
+from vgg.errors import one_line
 from vgg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from vgg.preprocessing import default_test_scale
 
@@ -95,7 +96,7 @@ def _load_source(checkpoint_path: Path, *, scale: int | None) -> _Source:
     except CheckpointError as error:
         raise ExportError(str(error)) from None
     except (KeyError, TypeError, ValueError) as error:
-        raise ExportError(f"{checkpoint_path}: malformed checkpoint ({type(error).__name__}: {error})") from None
+        raise ExportError(f"{checkpoint_path}: malformed checkpoint ({one_line(error, with_type=True)})") from None
     except Exception as error:  # torch.load on foreign bytes can raise nearly anything (IndexError, ...)
         raise ExportError(f"{checkpoint_path}: not a readable checkpoint ({type(error).__name__})") from None
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -150,8 +151,7 @@ def _export_graph(source: _Source, *, tta: str, half: bool) -> onnx.ModelProto:
         with contextlib.redirect_stdout(exporter_chatter):
             return to_onnx(graph)
     except Exception as error:  # the exporter raises many types; any of them is a failed export
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ExportError(f"torch.onnx export failed: {first[:300]}") from None
+        raise ExportError(f"torch.onnx export failed: {one_line(error, limit=300)}") from None
     finally:
         logger.debug("exporter output:\n%s", exporter_chatter.getvalue())
 
@@ -161,7 +161,7 @@ def _write(model: onnx.ModelProto, path: Path, metadata: dict[str, Any], *, prec
     try:
         return save_onnx(model, path)
     except onnx.checker.ValidationError as error:
-        raise ExportError(f"{precision} graph fails onnx.checker: {str(error).splitlines()[0]}") from None
+        raise ExportError(f"{precision} graph fails onnx.checker: {one_line(error)}") from None
 
 
 def _check_fp32(path: Path, source: _Source, images: np.ndarray, *, tta: str) -> tuple[float, np.ndarray]:
@@ -235,7 +235,7 @@ def _make_int8(
     try:
         quantize_int8(fp32_path, out_path, calibration_images=calibration_images)
     except Exception as error:  # onnxruntime.quantization raises many types
-        raise ExportError(f"int8 quantization failed: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise ExportError(f"int8 quantization failed: {one_line(error)}") from None
     _write(onnx.load(str(out_path)), out_path, metadata, precision="int8")
     fp32 = check.run_onnx(check.session(fp32_path), agreement_images)
     int8 = check.run_onnx(check.session(out_path), agreement_images)
@@ -292,7 +292,7 @@ def _publish(
     except Exception as error:  # BentoML raises its own types and OSError
         if staged_out is not None:
             staged_out.unlink(missing_ok=True)
-        raise ExportError(f"could not register in the BentoML store: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        raise ExportError(f"could not register in the BentoML store: {one_line(error)}") from None
     if staged_out is not None:
         try:
             os.replace(staged_out, out)

@@ -28,7 +28,7 @@ from torch import nn
 from vgg import VGG, to_dense
 from vgg.preprocessing import center_offset
 
-__all__ = ["TTA_MODES", "Tta", "crop_offsets", "InferenceGraph", "views_per_image"]
+__all__ = ["TTA_MODES", "Tta", "crop_offsets", "InferenceGraph"]
 
 Tta = Literal["five", "ten", "center", "dense"]
 TTA_MODES: tuple[str, ...] = ("five", "ten", "center", "dense")
@@ -51,10 +51,6 @@ def crop_offsets(*, scale: int, crop: int, tta: Tta) -> list[tuple[int, int]]:
     if tta == "dense":
         return []
     raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
-
-
-def views_per_image(tta: Tta) -> int:
-    return {"five": 5, "ten": 10, "center": 1, "dense": 2}[tta]
 
 
 class InferenceGraph(nn.Module):

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vgg.errors import one_line
+
 __all__ = ["EngineError", "ModelFiles", "Engine", "model_spec", "is_onnx_path", "resolve_model", "check_model", "load_engine", "warm_up_sizes", "HOW_TO_GET_A_MODEL"]
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ def _model_files_from_onnx(path: Path) -> ModelFiles:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own exception types
-        raise EngineError(f"{path}: not a loadable ONNX model ({str(error).splitlines()[0][:200]})") from None
+        raise EngineError(f"{path}: not a loadable ONNX model ({one_line(error)})") from None
     props = dict(session.get_modelmeta().custom_metadata_map)
     input_size = session.get_inputs()[0].shape[1]
     num_classes = session.get_outputs()[0].shape[-1]
@@ -236,7 +238,7 @@ def _open_session(files: ModelFiles, *, cuda: bool, intra_op_threads: int | None
     try:
         return ort.InferenceSession(str(graph), sess_options=options, providers=providers), graph
     except Exception as error:  # ORT raises its own exception types
-        raise EngineError(f"{graph}: cannot create an ONNX Runtime session ({str(error).splitlines()[0][:200]})") from None
+        raise EngineError(f"{graph}: cannot create an ONNX Runtime session ({one_line(error)})") from None
 
 
 class Engine:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the optional real data set and a torch thread limit for the 2-core CI."""
+"""Shared fixtures: the optional real data set and a fresh BentoML model store per test."""
 
 from __future__ import annotations
 
@@ -17,3 +17,13 @@ def imagenette_train() -> Path:
     if not train.is_dir():
         pytest.skip(f"real data not found at {train} (shared/data/imagenette is optional)")
     return train
+
+
+@pytest.fixture
+def bentoml_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty BentoML home for this test (``$BENTOML_HOME``), no ``$VGG_MODEL``, no usage tracking."""
+    home = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+    monkeypatch.delenv("VGG_MODEL", raising=False)
+    return home

@@ -18,6 +18,8 @@ from export import registry
 from serving import engine as engine_module
 from serving.engine import Engine, EngineError, check_model, resolve_model
 
+pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
+
 SCALE = 4
 CLASSES = ["red", "green", "blue"]
 
@@ -42,13 +44,6 @@ def mean_colour_graph(path: Path, *, props: dict[str, str]) -> Path:
 
 
 GOOD_PROPS = {"scale": str(SCALE), "labels": json.dumps(CLASSES)}
-
-
-@pytest.fixture(autouse=True)
-def bentoml_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
-    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
-    monkeypatch.delenv("VGG_MODEL", raising=False)
 
 
 def test_a_well_formed_graph_is_served(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Export: graph vs the torchvision reference, metadata, fp16, registration (issue 4)."""
+"""Export: graph vs the torchvision reference, metadata, fp16, registration."""
 
 from __future__ import annotations
 
@@ -16,17 +16,11 @@ from export.check import random_images, run_onnx, session
 from export.graph import InferenceGraph, crop_offsets
 from export.onnx_io import OPSET, read_metadata, to_onnx
 from export.reference import reference_probs
-from export_helpers import CROP, MEAN, SCALE, STD, peaky_model, write_checkpoint
+from tests.export_helpers import CROP, MEAN, SCALE, STD, peaky_model, write_checkpoint
+
+pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
 
 CLASSES = ["cat", "dog", "fish", "bird", "frog"]
-
-
-@pytest.fixture(autouse=True)
-def bentoml_home(tmp_path, monkeypatch):
-    home = tmp_path / "bentoml"
-    monkeypatch.setenv("BENTOML_HOME", str(home))
-    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
-    return home
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`python -m export` refuses bad checkpoints: one line, exit code 2, nothing registered (issue 4)."""
+"""`python -m export` refuses bad checkpoints: one line, exit code 2, nothing registered."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 
 from export import registry
 from export.__main__ import main
-from export_helpers import peaky_model, write_checkpoint
+from tests.export_helpers import peaky_model, write_checkpoint
+
+pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,12 +27,6 @@ class RunsCode:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.fixture(autouse=True)
-def bentoml_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
-    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
 
 
 def _truncated(tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""int8 export (QDQ, per-channel) of a small trained model: agreement with fp32 (issue 4)."""
+"""int8 export (QDQ, per-channel) of a small trained model: agreement with fp32."""
 
 from __future__ import annotations
 
@@ -9,16 +9,12 @@ from onnx import numpy_helper
 
 from export import ExportError, export_checkpoint, registry
 from export.check import image_files, load_graph_inputs, run_onnx, session
-from export_helpers import CLASS_COLOURS, SCALE, train_on_folder, write_checkpoint, write_colour_folder
+from tests.export_helpers import CLASS_COLOURS, SCALE, train_on_folder, write_checkpoint, write_colour_folder
+
+pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
 
 CALIBRATION = 24
 AGREEMENT = 60
-
-
-@pytest.fixture(autouse=True)
-def bentoml_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
-    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +30,7 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_int8_agrees_with_fp32_and_is_registered(trained):
     checkpoint, root = trained
-    # The library call: the CLI insists on at least 500 agreement images (issue 4).
+    # The library call: the CLI insists on at least 500 agreement images.
     result = export_checkpoint(checkpoint, precision="int8", calibration_count=CALIBRATION,
                                agreement_count=AGREEMENT)
     assert result.checks["int8_top1_agreement"] == 1.0 and result.checks["int8_agreement_images"] == AGREEMENT

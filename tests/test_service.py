@@ -24,9 +24,9 @@ import pytest
 from PIL import Image
 
 from export.check import load_graph_inputs
-from export_helpers import peaky_model, write_checkpoint
+from tests.export_helpers import peaky_model, write_checkpoint
 from serving.engine import Engine, EngineError, resolve_model, warm_up_sizes
-from serving.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
+from bench.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
 from vgg.preprocessing import open_rgb, to_graph_input
 
 pytestmark = pytest.mark.slow

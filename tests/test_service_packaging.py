@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from serving.engine import _cuda_usable
-from serving.launch import REPO_ROOT, bentoml_serve_command, free_port
+from bench.launch import REPO_ROOT, bentoml_serve_command, free_port
 from serving.settings import Settings, SettingsError
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"

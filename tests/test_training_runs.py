@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vgg
-from training_helpers import ddp_rank_with_unreadable_batch, tiny_net, write_folder
+from tests.training_helpers import ddp_rank_with_unreadable_batch, tiny_net, write_folder
 from training.run import cli
 from vgg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 

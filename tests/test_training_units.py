@@ -46,7 +46,7 @@ from training.transforms import (
     five_crop_boxes,
     pixel_stats,
 )
-from training_helpers import coordinate_image, stats_identity, write_folder
+from tests.training_helpers import coordinate_image, stats_identity, write_folder
 from vgg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vgg.preprocessing import IMAGE_EXTENSIONS, to_graph_input
 

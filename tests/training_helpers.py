@@ -1,4 +1,4 @@
-"""Shared helpers of the training tests (imported like export_helpers)."""
+"""Shared helpers of the training tests."""
 
 from __future__ import annotations
 

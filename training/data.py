@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vgg.errors import one_line
 from vgg.preprocessing import IMAGE_EXTENSIONS, open_rgb
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,8 @@ def download_dataset(name: str) -> Path:
             train = tvd.Imagenette(raw, split="train", size="320px", download=True)
             val = tvd.Imagenette(raw, split="val", size="320px", download=False)
     except Exception as error:  # noqa: BLE001 - any download failure becomes one line
-        reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         raise DataError(
-            f"cannot download {name} ({reason}): this machine has no internet access; "
+            f"cannot download {name} ({one_line(error, limit=160)}): this machine has no internet access; "
             f"put the images in DIR/train/<class>/ (and optionally DIR/val/<class>/) and pass --data DIR"
         ) from None
     _write_image_folder({"train": train, "val": val}, destination)
@@ -156,18 +156,13 @@ class Collated(NamedTuple):
     unreadable: list[Unreadable]
 
 
-def _one_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
-
-
 def load_rgb(path: str):
     """:func:`vgg.preprocessing.open_rgb`, or an :class:`Unreadable` for any failure: a
     strange file (struct.error, KeyError... from a decoder) must never stop an epoch."""
     try:
         return open_rgb(path)
     except Exception as error:  # noqa: BLE001 - per-file loading: report and skip, whatever the cause
-        return Unreadable(path, _one_line(error))
+        return Unreadable(path, one_line(error))
 
 
 class ImageDataset(torch.utils.data.Dataset):

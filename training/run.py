@@ -36,6 +36,7 @@ from training.engine import evaluate, evaluate_dense, train_one_epoch
 from training.lr import PlateauState, plateau_step
 from training.transforms import DensePreset, EvalPreset, Stats, TrainPreset, dense_scales, pixel_stats
 from vgg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from vgg.errors import OneLineArgumentParser, one_line
 
 log = logging.getLogger("training")
 
@@ -52,13 +53,6 @@ class UsageError(ValueError):
 
 class ExportFailed(RuntimeError):
     """Training finished but exporting best.pt did not; one line, exit code 1."""
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line ``error: ...`` on stderr and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
 
 
 # Rank 0 evaluates (``--eval-dense`` can take long) while the others wait in a collective:
@@ -547,8 +541,7 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer, init: str,
         set_rng_state(state["rng"])
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: cannot resume from it ({reason})") from None
+        raise CheckpointError(f"{path}: cannot resume from it ({one_line(error)})") from None
     return rule, start_epoch, history, state["config"].get("init_used", init)
 
 

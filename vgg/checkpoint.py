@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vgg.errors import one_line
 from vgg.model import FC_WIDTH, VGG, build
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
@@ -67,12 +68,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise CheckpointError(f"{path}: refused to load, not a plain checkpoint ({first[:200]})") from None
+        raise CheckpointError(f"{path}: refused to load, not a plain checkpoint ({one_line(error)})") from None
     except Exception as error:  # torch.load raises many types on foreign bytes; all mean "not readable"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        reason = f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(error, with_type=True)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a VGG checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
@@ -102,10 +100,9 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> VGG:
             fc_width=arch.get("fc_width", FC_WIDTH),
         )
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint 'arch' is not a buildable VGG ({reason})") from None
+        raise CheckpointError(f"checkpoint 'arch' is not a buildable VGG ({one_line(error)})") from None
     try:
         model.load_state_dict(checkpoint["model"], strict=True)
     except (RuntimeError, TypeError, AttributeError, KeyError) as error:
-        raise CheckpointError(f"checkpoint weights do not fit VGG-{arch['cfg']}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint weights do not fit VGG-{arch['cfg']}: {one_line(error)}") from None
     return model.eval()

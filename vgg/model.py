@@ -50,7 +50,7 @@ LRN_BETA = 0.75
 # 3x3x512 fan-in multiplies the activation scale by ~4.8 per layer (~1e7 after 11 layers)
 # and training diverges at the paper's learning rate 1e-2. The authors' Caffe setup, like
 # AlexNet's, used std 1e-2 (a variance of 1e-4), which is also what torchvision uses for
-# the FC layers; the seed write-up's 1e-4 makes the signal vanish entirely. We use 1e-2.
+# the FC layers; a std of 1e-4 would make the signal vanish entirely. We use 1e-2.
 PAPER_INIT_STD = 1e-2
 
 FC_WIDTH = 4096  # paper, section 2.1: two FC layers of 4096 channels

@@ -15,6 +15,8 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from vgg.errors import one_line
+
 __all__ = [
     "IMAGENET_MEAN_RGB",
     "IMAGENET_STD_RGB",
@@ -114,8 +116,7 @@ def open_rgb(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     except Image.UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image format") from None
     except Exception as error:  # odd files make decoders raise struct.error, KeyError, ZeroDivisionError...
-        reason = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ImageDecodeError(reason[:200]) from None
+        raise ImageDecodeError(one_line(error)) from None
 
 
 def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
