@@ -5,13 +5,20 @@ or the tag / ``.onnx`` path in ``$VGG_MODEL``:
 
 - ``POST /classify``: one image (multipart field ``image``), optional ``top_k``.
 - ``POST /classify_batch``: several images (multipart field ``images``, repeated), optional ``top_k``.
-- ``GET /livez``, ``/readyz`` (ready once warmed up), ``/metrics`` (Prometheus), ``/`` (OpenAPI docs).
+- ``GET /model``: what is served (tag, architecture, labels, test scale, crop, TTA, precision,
+  ONNX Runtime provider, validation top-1, workers), as JSON.
+- ``GET /livez``, ``/readyz`` (ready once every worker is warmed up), ``/metrics`` (Prometheus),
+  ``/`` (OpenAPI docs).
 
 Both endpoints decode and resize each image in a worker thread (``vgg.preprocessing``: the
 same functions as the export's reference check), then submit the uint8 ``Q x Q`` array to
 one batchable inference method, :meth:`VGGClassifier.infer_batch`, through BentoML's adaptive
 batching dispatcher: concurrent requests (and the images of one batch request) become one
 ONNX Runtime call of up to ``VGG_MAX_BATCH_SIZE`` images.
+
+``VGG_WORKERS`` worker processes (default: one per visible GPU, 1 on a CPU) each load their own
+engine on their own GPU, or with their share of the CPU cores (:mod:`serving.workers`); the
+graph's precision is chosen per device (``VGG_PRECISION``, :func:`serving.engine.choose_precision`).
 
 Configuration (environment): see ``README.md, "Serving"`` and :class:`serving.settings.Settings`.
 """
@@ -27,7 +34,10 @@ from typing import Awaitable, Callable, Sequence
 import bentoml
 import numpy as np
 from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from serving.batching import BatchDispatcher
 from serving.engine import Engine, EngineError, check_model, load_engine, warm_up_sizes
@@ -35,6 +45,7 @@ from serving.guard import RequestGuard
 from serving.images import ApiError, preprocess_upload
 from serving.metrics import inference_metrics
 from serving.settings import Settings, SettingsError
+from serving.workers import WarmBoard, configured_workers, cpu_threads, gpu_for_worker, visible_gpus, worker_index
 from vgg.errors import one_line
 
 logger = logging.getLogger("bentoml.vgg")
@@ -89,7 +100,17 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse({"error": error.message}, status_code=error.status)
 
 
-@bentoml.service(name="vgg", workers=1, traffic={"timeout": 120})
+async def model_info(_: Request) -> JSONResponse:
+    """``GET /model``: what this server serves (see :meth:`VGGClassifier.describe`)."""
+    return JSONResponse(bentoml.get_current_service().describe())
+
+
+# Plain GET routes next to the BentoML APIs (which are POST only).
+info_app = Starlette(routes=[Route("/model", model_info, methods=["GET"])])
+
+
+@bentoml.service(name="vgg", workers=configured_workers(), traffic={"timeout": 120})
+@bentoml.asgi_app(info_app, path="/")
 class VGGClassifier:
     """VGG (Simonyan & Zisserman, 2014) image classifier over ONNX Runtime."""
 
@@ -99,21 +120,29 @@ class VGGClassifier:
         setting stops the server with one line instead of a worker restarting in a loop."""
         try:
             settings = Settings.from_env()
-            tag = check_model(require_gpu=settings.require_gpu)
+            tag = check_model(require_gpu=settings.require_gpu, precision=settings.precision)
         except (EngineError, SettingsError) as error:
             raise SystemExit(f"vgg service cannot start: {error}") from None
-        logger.info("model to serve: %s", tag)
+        logger.info("model to serve: %s, %d worker(s)", tag, configured_workers())
 
     def __init__(self) -> None:
         self.settings = Settings.from_env()
+        self.workers = configured_workers()
+        self.worker = worker_index()
+        self._warm = WarmBoard(self.workers)
+        self._warm.mark_cold(self.worker)
         try:
-            self.engine: Engine = load_engine(require_gpu=self.settings.require_gpu)
+            self.engine: Engine = load_engine(
+                require_gpu=self.settings.require_gpu, precision=self.settings.precision,
+                intra_op_threads=cpu_threads(self.workers), gpu_id=gpu_for_worker(self.worker, visible_gpus()),
+            )
         except EngineError as error:
             logger.error("cannot start: %s", error)
             raise SystemExit(f"cannot start: {error}") from None
         logger.info(
-            "serving %s on %s; batches of up to %d, max latency %d ms",
-            self.engine.tag, self.engine.provider, self.settings.max_batch_size, self.settings.max_latency_ms,
+            "worker %d/%d serving %s: %s graph on %s; batches of up to %d, max latency %d ms",
+            self.worker, self.workers, self.engine.tag, self.engine.precision, self.engine.provider,
+            self.settings.max_batch_size, self.settings.max_latency_ms,
         )
         self.metrics = inference_metrics(max_batch_size=self.settings.max_batch_size)
         self._dispatcher = BatchDispatcher(
@@ -136,14 +165,21 @@ class VGGClassifier:
             await asyncio.gather(*(self._submit(blank) for _ in range(size)))
         self._dispatcher.forget_queueing()
         self._ready = True
-        logger.info("warmed up on batch sizes %s: ready", sizes)
+        self._warm.mark_warm(self.worker)
+        logger.info("worker %d warmed up on batch sizes %s", self.worker, sizes)
 
     @bentoml.on_shutdown
     def release(self) -> None:
+        self._warm.mark_cold(self.worker)
         self._inference_thread.shutdown(wait=True)
 
     def __is_ready__(self) -> bool:
-        return self._ready
+        """Ready when this worker and every other worker of the server are warm."""
+        return self._ready and self._warm.all_warm()
+
+    def describe(self) -> dict:
+        """What is served: the engine's model and precision, and the number of workers."""
+        return {**self.engine.describe(), "workers": self.workers}
 
     async def infer_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The one batchable inference method: ``[Q, Q, 3]`` uint8 images -> probabilities,

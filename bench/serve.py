@@ -233,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vgg-bench-") as workdir:
         try:
             files = resolve_model(str(tiny_model(Path(workdir))) if args.tiny else args.model)
-            if args.fp16 and files.fp16_path is None:
+            if args.fp16 and "fp16" not in files.graphs:
                 raise EngineError(f"{files.tag} has no fp16 graph: export it with --precision fp16")
             # All three targets load this one file (the service through VGG_MODEL).
-            files = resolve_model(str(files.fp16_path if args.fp16 else files.onnx_path))
+            files = resolve_model(str(files.graphs["fp16"] if args.fp16 else files.onnx_path))
         except EngineError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -1,9 +1,10 @@
 """ONNX Runtime engine for the exported VGG graph (``images`` uint8 [N, Q, Q, 3] -> ``probs``).
 
 One session, loaded once. CUDA when a GPU is usable (IO binding, exhaustive cuDNN algorithm
-search, which pays off for VGG's fixed-size 3x3 convolutions, paper section 2.1; the fp16
-graph when one is registered), else the CPU provider with one intra-op thread per physical
-core. The service, its tests and ``bench/serve.py`` all use this module.
+search, which pays off for VGG's fixed-size 3x3 convolutions, paper section 2.1), else the
+CPU provider with one intra-op thread per physical core. The graph's precision is chosen per
+device (:func:`choose_precision`): by default fp16 on CUDA and int8 on the CPU when the model
+has that graph, else fp32. The service, its tests and ``bench/serve.py`` all use this module.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import numpy as np
 
 from vgg.errors import one_line
 
-__all__ = ["EngineError", "ModelFiles", "Engine", "model_spec", "is_onnx_path", "resolve_model", "check_model", "load_engine", "warm_up_sizes", "HOW_TO_GET_A_MODEL"]
+__all__ = [
+    "EngineError", "ModelFiles", "Engine", "PRECISIONS", "DEVICE_PRECISIONS", "choose_precision", "model_spec",
+    "is_onnx_path", "resolve_model", "check_model", "load_engine", "warm_up_sizes", "HOW_TO_GET_A_MODEL",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +34,64 @@ HOW_TO_GET_A_MODEL = (
 )
 
 
+PRECISIONS = ("fp32", "fp16", "int8")
+# The precisions each device runs, in the order ``auto`` prefers them: fp16 is a GPU format
+# (ONNX Runtime's CPU provider has no fp16 convolutions on x86) and the int8 QDQ graph a CPU
+# one (the CUDA provider would run its quantized ops through slow fallbacks).
+DEVICE_PRECISIONS = {"cuda": ("fp16", "fp32"), "cpu": ("int8", "fp32")}
+DEVICE_NAMES = {"cuda": "GPU (CUDA)", "cpu": "CPU"}
+
+
 class EngineError(RuntimeError):
     """The model cannot be found, loaded or run as asked (one-line message)."""
 
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """Where a model's graphs are and what they need: the service's view of a store entry."""
+    """Where a model's graphs are and what they need: the service's view of a store entry.
+
+    ``graphs``: precision -> ONNX file (a store entry has ``fp32`` and the precisions it was
+    exported with; a bare ``.onnx`` file is one graph, of the precision its metadata names)."""
 
     tag: str
-    onnx_path: Path
+    graphs: dict[str, Path]
     labels: list[str]
     scale: int
-    fp16_path: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def onnx_path(self) -> Path:
+        """The fp32 graph, or the only graph of a bare non-fp32 file."""
+        return self.graphs.get("fp32") or next(iter(self.graphs.values()))
+
+
+def choose_precision(requested: str, files: ModelFiles, *, device: str) -> str:
+    """The precision to serve on ``device`` (``cuda`` or ``cpu``) for ``VGG_PRECISION=requested``.
+
+    ``auto``: the first of :data:`DEVICE_PRECISIONS` the model has. An explicit precision the
+    model or the device does not have is a one-line :class:`EngineError`."""
+    runs, have = DEVICE_PRECISIONS[device], sorted(files.graphs, key=PRECISIONS.index)
+    if requested == "auto":
+        chosen = next((precision for precision in runs if precision in files.graphs), None)
+        if chosen is None:
+            raise EngineError(
+                f"{files.tag} has only {'+'.join(have)} graphs, which the {DEVICE_NAMES[device]} does not run: "
+                "export it again (fp32 is always written)"
+            )
+        return chosen
+    if requested not in PRECISIONS:
+        raise EngineError(f"VGG_PRECISION={requested!r}: choose auto, {', '.join(PRECISIONS)}")
+    if requested not in files.graphs:
+        raise EngineError(
+            f"VGG_PRECISION={requested}: {files.tag} has no {requested} graph (it has {'+'.join(have)}); "
+            f"export it with --precision {requested}, or use VGG_PRECISION=auto"
+        )
+    if requested not in runs:
+        raise EngineError(
+            f"VGG_PRECISION={requested}: the {DEVICE_NAMES[device]} this server runs on does not serve {requested} "
+            f"graphs (it serves {'+'.join(runs)}); use VGG_PRECISION=auto"
+        )
+    return requested
 
 
 def _labels_from_metadata(metadata: dict[str, Any], num_classes: int) -> list[str]:
@@ -98,7 +146,19 @@ def _model_files_from_onnx(path: Path) -> ModelFiles:
         raise EngineError(f"{path}: the graph has no 'scale' metadata and a dynamic input size")
     labels = _labels_from_metadata(props, num_classes if isinstance(num_classes, int) else 0)
     _check_labels(labels, num_classes, where=str(path))
-    return ModelFiles(tag=path.name, onnx_path=path, labels=labels, scale=scale, metadata=props)
+    precision = props.get("precision", "fp32")  # files exported before precisions were recorded: fp32
+    if precision not in PRECISIONS:
+        raise EngineError(f"{path}: metadata 'precision' is {precision!r}, not one of {', '.join(PRECISIONS)}")
+    metadata = {key: _json_or_text(value) for key, value in props.items()}
+    return ModelFiles(tag=path.name, graphs={precision: path}, labels=labels, scale=scale, metadata=metadata)
+
+
+def _json_or_text(value: str) -> Any:
+    """A ``metadata_props`` value: JSON for numbers, booleans and lists; names (cfg, tta) as they are."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _store_labels(model: Any, metadata: dict[str, Any], num_classes: int) -> list[str]:
@@ -126,17 +186,14 @@ def _model_files_from_store(tag: str) -> ModelFiles:
     except OSError as error:  # e.g. a mounted store the service's user cannot read
         raise EngineError(f"cannot read the BentoML store for {tag!r}: {error.strerror or error}") from None
     metadata, where = dict(model.info.metadata), f"model {model.tag}"
-    graphs = model_files(model)
+    graphs = {precision: path for precision, path in model_files(model).items() if precision in PRECISIONS}
     if "fp32" not in graphs:
         raise EngineError(f"{where} has no model.onnx: re-export it")
     scale = _positive_int(metadata, "scale", where=where)
     num_classes = _positive_int(metadata, "num_classes", where=where) if "num_classes" in metadata else None
     labels = _store_labels(model, metadata, num_classes or 0)
     _check_labels(labels, num_classes, where=where)
-    return ModelFiles(
-        tag=str(model.tag), onnx_path=graphs["fp32"], labels=labels, scale=scale,
-        fp16_path=graphs.get("fp16"), metadata=metadata,
-    )
+    return ModelFiles(tag=str(model.tag), graphs=graphs, labels=labels, scale=scale, metadata=metadata)
 
 
 def model_spec(spec: str | None = None) -> str:
@@ -157,13 +214,15 @@ def resolve_model(spec: str | None = None) -> ModelFiles:
     return _model_files_from_store(spec)
 
 
-def check_model(spec: str | None = None, *, require_gpu: bool = False) -> str:
+def check_model(spec: str | None = None, *, require_gpu: bool = False, precision: str = "auto") -> str:
     """Fail fast, with a one-line :class:`EngineError`, when the service could not start.
 
     An ``.onnx`` path is opened (CPU session, metadata checked) so a junk file fails here,
-    not in a restarting worker; a store entry's metadata is checked without a session.
+    not in a restarting worker; a store entry's metadata is checked without a session; the
+    precision ``VGG_PRECISION`` asks for must be one the model and this machine's device have.
     Returns the model's tag or file name."""
-    if require_gpu and not _cuda_usable():
+    cuda = _cuda_usable()
+    if require_gpu and not cuda:
         raise EngineError(
             "VGG_REQUIRE_GPU=1 but no usable GPU: ONNX Runtime's CUDA provider, the NVIDIA driver "
             "or a visible GPU is missing"
@@ -171,7 +230,11 @@ def check_model(spec: str | None = None, *, require_gpu: bool = False) -> str:
     spec = model_spec(spec)
     if is_onnx_path(spec) and not Path(spec).expanduser().is_file():
         raise EngineError(f"VGG_MODEL={spec}: no such ONNX file")
-    return resolve_model(spec).tag
+    files = resolve_model(spec)
+    device = "cuda" if cuda else "cpu"
+    chosen = choose_precision(precision, files, device=device)
+    logger.info("%s: the %s graph will be served on the %s", files.tag, chosen, DEVICE_NAMES[device])
+    return files.tag
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -217,18 +280,17 @@ def _cuda_usable() -> bool:
     return _cuda_device_count() > 0
 
 
-def _open_session(files: ModelFiles, *, cuda: bool, intra_op_threads: int | None) -> tuple[Any, Path]:
-    """CUDA: the fp16 graph when there is one, exhaustive cuDNN algorithm search. CPU: the
-    fp32 graph, one intra-op thread per physical core, sequential execution."""
+def _open_session(graph: Path, *, cuda: bool, intra_op_threads: int | None, gpu_id: int = 0) -> Any:
+    """CUDA (GPU ``gpu_id``): exhaustive cuDNN algorithm search. CPU: ``intra_op_threads``
+    (default one per physical core), sequential execution, no spinning."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if cuda:
-        graph = files.fp16_path or files.onnx_path
-        providers: list[Any] = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
+        cuda_options = {"device_id": str(gpu_id), "cudnn_conv_algo_search": "EXHAUSTIVE"}
+        providers: list[Any] = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
     else:
-        graph = files.onnx_path
         options.intra_op_num_threads = intra_op_threads or physical_cores()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -236,39 +298,70 @@ def _open_session(files: ModelFiles, *, cuda: bool, intra_op_threads: int | None
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(graph), sess_options=options, providers=providers), graph
+        return ort.InferenceSession(str(graph), sess_options=options, providers=providers)
     except Exception as error:  # ORT raises its own exception types
         raise EngineError(f"{graph}: cannot create an ONNX Runtime session ({one_line(error)})") from None
 
 
 class Engine:
-    """An ORT session over the exported graph, with the model's labels and input size."""
+    """An ORT session over the exported graph of the chosen precision, with the model's labels
+    and input size.
 
-    def __init__(self, files: ModelFiles, *, device: str = "auto", intra_op_threads: int | None = None) -> None:
+    ``device``: ``auto`` (CUDA when usable, else the CPU), ``cuda`` (required) or ``cpu``;
+    ``precision``: ``auto`` or one of :data:`PRECISIONS` (see :func:`choose_precision`);
+    ``gpu_id``: the CUDA device of this engine; ``intra_op_threads``: CPU threads."""
+
+    def __init__(
+        self, files: ModelFiles, *, device: str = "auto", precision: str = "auto",
+        intra_op_threads: int | None = None, gpu_id: int = 0,
+    ) -> None:
         if device not in ("auto", "cuda", "cpu"):
             raise EngineError(f"device must be auto, cuda or cpu, not {device!r}")
         self.files = files
         self.tag = files.tag
         self.labels = files.labels
         self.scale = files.scale
+        self.gpu_id = gpu_id
         want_cuda = device == "cuda" or (device == "auto" and _cuda_usable())
-        self.session, self.graph_path = _open_session(files, cuda=want_cuda, intra_op_threads=intra_op_threads)
-        self.provider = self.session.get_providers()[0]
-        if want_cuda and self.provider != "CUDAExecutionProvider":
+        self._open(precision, cuda=want_cuda, intra_op_threads=intra_op_threads)
+        if want_cuda and not self.on_gpu:
             if device == "cuda":
                 raise EngineError("a GPU was required but ONNX Runtime could not use CUDA (see its log above)")
             logger.warning("ONNX Runtime could not use CUDA: falling back to the CPU")
-            self.session, self.graph_path = _open_session(files, cuda=False, intra_op_threads=intra_op_threads)
-            self.provider = self.session.get_providers()[0]
+            self._open(precision, cuda=False, intra_op_threads=intra_op_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.num_classes = len(self.labels)
         _check_labels(self.labels, self.session.get_outputs()[0].shape[-1], where=str(self.graph_path))
         self._gpu_batch_sizes: list[int] = []  # fixed shapes the GPU session was tuned for
         logger.info(
-            "engine: %s on %s (%s), input %dx%d, %d classes",
-            self.tag, self.provider, self.graph_path.name, self.scale, self.scale, self.num_classes,
+            "engine: %s, %s graph on %s (%s), input %dx%d, %d classes",
+            self.tag, self.precision, self.provider, self.graph_path.name, self.scale, self.scale, self.num_classes,
         )
+
+    def _open(self, precision: str, *, cuda: bool, intra_op_threads: int | None) -> None:
+        self.precision = choose_precision(precision, self.files, device="cuda" if cuda else "cpu")
+        self.graph_path = self.files.graphs[self.precision]
+        self.session = _open_session(self.graph_path, cuda=cuda, intra_op_threads=intra_op_threads, gpu_id=self.gpu_id)
+        self.provider = self.session.get_providers()[0]
+
+    def describe(self) -> dict[str, Any]:
+        """What is served: the model (tag, architecture, labels, test-time geometry, validation
+        top-1 as exported) and how (precision, ONNX Runtime provider)."""
+        metadata = self.files.metadata
+        return {
+            "tag": self.tag,
+            "cfg": metadata.get("cfg"),
+            "batch_norm": metadata.get("batch_norm"),
+            "num_classes": self.num_classes,
+            "labels": list(self.labels),
+            "test_scale": self.scale,
+            "crop": metadata.get("crop"),
+            "tta": metadata.get("tta"),
+            "precision": self.precision,
+            "provider": self.provider,
+            "val_top1": metadata.get("val_top1"),
+        }
 
     @property
     def on_gpu(self) -> bool:
@@ -298,8 +391,8 @@ class Engine:
         import onnxruntime as ort
 
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0))
-        binding.bind_output(self.output_name, "cuda", 0)
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(images, "cuda", self.gpu_id))
+        binding.bind_output(self.output_name, "cuda", self.gpu_id)
         self.session.run_with_iobinding(binding)
         return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
@@ -317,7 +410,13 @@ def warm_up_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(sizes + [max_batch_size]))
 
 
-def load_engine(spec: str | None = None, *, require_gpu: bool = False, intra_op_threads: int | None = None) -> Engine:
+def load_engine(
+    spec: str | None = None, *, require_gpu: bool = False, precision: str = "auto",
+    intra_op_threads: int | None = None, gpu_id: int = 0,
+) -> Engine:
     """Resolve ``spec`` (see :func:`resolve_model`) and open it, on the GPU when usable."""
     files = resolve_model(spec)
-    return Engine(files, device="cuda" if require_gpu else "auto", intra_op_threads=intra_op_threads)
+    return Engine(
+        files, device="cuda" if require_gpu else "auto", precision=precision,
+        intra_op_threads=intra_op_threads, gpu_id=gpu_id,
+    )

@@ -7,6 +7,7 @@ no network: the mean colour of each image, softmaxed. Fast: no export, no server
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from onnx import TensorProto, helper
 
 from export import registry
 from serving import engine as engine_module
-from serving.engine import Engine, EngineError, check_model, resolve_model
+from serving.engine import Engine, EngineError, ModelFiles, check_model, choose_precision, resolve_model
 
 pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
 
@@ -24,17 +25,19 @@ SCALE = 4
 CLASSES = ["red", "green", "blue"]
 
 
-def mean_colour_graph(path: Path, *, props: dict[str, str]) -> Path:
-    """``images`` uint8 [N, SCALE, SCALE, 3] -> softmax of the mean colour, [N, 3]."""
+def mean_colour_graph(path: Path, *, props: dict[str, str], sign: float = 1.0) -> Path:
+    """``images`` uint8 [N, SCALE, SCALE, 3] -> softmax of ``sign`` x the mean colour, [N, 3]."""
     nodes = [
         helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["pixels"], ["colour"], axes=[1, 2], keepdims=0),
-        helper.make_node("Softmax", ["colour"], ["probs"], axis=1),
+        helper.make_node("Mul", ["colour", "sign"], ["signed"]),
+        helper.make_node("Softmax", ["signed"], ["probs"], axis=1),
     ]
     graph = helper.make_graph(
         nodes, "mean_colour",
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", SCALE, SCALE, 3])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", len(CLASSES)])],
+        initializer=[helper.make_tensor("sign", TensorProto.FLOAT, [], [sign])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -148,6 +151,89 @@ def test_an_unreadable_store_is_one_engine_error(monkeypatch):
 def test_cgroup_cpu_limit(tmp_path, text, expected):
     (tmp_path / "cpu.max").write_text(text)
     assert engine_module.cgroup_cpu_limit(tmp_path / "cpu.max") == expected
+
+
+# ---------------------------------------------------------------- precision per device
+
+
+def graphs_of(*precisions: str) -> ModelFiles:
+    return ModelFiles(tag="vgg:test", graphs={p: Path(f"{p}.onnx") for p in precisions}, labels=CLASSES, scale=SCALE)
+
+
+@pytest.mark.parametrize(("have", "device", "expected"), [
+    (("fp32",), "cpu", "fp32"), (("fp32",), "cuda", "fp32"),
+    (("fp32", "int8"), "cpu", "int8"), (("fp32", "int8"), "cuda", "fp32"),
+    (("fp32", "fp16"), "cpu", "fp32"), (("fp32", "fp16"), "cuda", "fp16"),
+    (("int8",), "cpu", "int8"), (("fp16",), "cuda", "fp16"),
+])
+def test_auto_precision_is_the_fastest_graph_the_device_runs(have, device, expected):
+    assert choose_precision("auto", graphs_of(*have), device=device) == expected
+
+
+@pytest.mark.parametrize(("requested", "have", "device"), [
+    ("fp32", ("fp32", "int8"), "cpu"), ("int8", ("fp32", "int8"), "cpu"),
+    ("fp32", ("fp32", "fp16"), "cuda"), ("fp16", ("fp32", "fp16"), "cuda"),
+])
+def test_an_explicit_precision_the_model_and_device_have_is_served(requested, have, device):
+    assert choose_precision(requested, graphs_of(*have), device=device) == requested
+
+
+@pytest.mark.parametrize(("requested", "have", "device", "words"), [
+    ("int8", ("fp32",), "cpu", "VGG_PRECISION=int8: vgg:test has no int8 graph (it has fp32); export it with --precision int8"),
+    ("fp16", ("fp32", "int8"), "cuda", "has no fp16 graph (it has fp32+int8)"),
+    ("fp16", ("fp32", "fp16"), "cpu", "the CPU this server runs on does not serve fp16 graphs"),
+    ("int8", ("fp32", "int8"), "cuda", "the GPU (CUDA) this server runs on does not serve int8 graphs"),
+    ("auto", ("fp16",), "cpu", "vgg:test has only fp16 graphs, which the CPU does not run"),
+    ("bf16", ("fp32",), "cpu", "VGG_PRECISION='bf16': choose auto, fp32, fp16, int8"),
+])
+def test_a_precision_the_model_or_device_lacks_is_one_line(requested, have, device, words):
+    with pytest.raises(EngineError, match=re.escape(words)) as error:
+        choose_precision(requested, graphs_of(*have), device=device)
+    assert "\n" not in str(error.value)
+
+
+def register_graphs(tmp_path: Path, graphs: dict[str, Path]) -> str:
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    files = {registry.ONNX_FILES[precision]: path for precision, path in graphs.items()}
+    metadata = {"scale": SCALE, "num_classes": 3, "cfg": "A", "batch_norm": False, "crop": 3, "tta": "center",
+                "val_top1": 0.5, "precisions": list(graphs)}
+    return registry.register(files={**files, "classes.json": tmp_path / "classes.json"}, labels={"cfg": "A"},
+                             metadata=metadata)
+
+
+def test_the_cpu_engine_serves_the_int8_graph_of_a_store_entry_by_default(tmp_path, monkeypatch):
+    """Two graphs that answer differently: the engine's answers show which file it runs."""
+    monkeypatch.setattr(engine_module, "_cuda_usable", lambda: False)
+    fp32 = mean_colour_graph(tmp_path / "fp32.onnx", props=GOOD_PROPS)
+    int8 = mean_colour_graph(tmp_path / "int8.onnx", props={**GOOD_PROPS, "precision": "int8"}, sign=-1.0)
+    tag = register_graphs(tmp_path, {"fp32": fp32, "int8": int8})
+    image = np.zeros((1, SCALE, SCALE, 3), dtype=np.uint8)
+    image[..., 2] = 9  # blue: fp32 says blue, the sign-flipped "int8" graph says not blue
+    engine = Engine(resolve_model(tag), intra_op_threads=1)
+    assert (engine.precision, engine.provider, engine.graph_path.name) == ("int8", "CPUExecutionProvider", "model.int8.onnx")
+    assert int(engine.run(image).argmax()) != 2
+    engine = Engine(resolve_model(tag), precision="fp32", intra_op_threads=1)
+    assert (engine.precision, engine.graph_path.name, int(engine.run(image).argmax())) == ("fp32", "model.onnx", 2)
+    described = engine.describe()
+    assert described == {"tag": tag, "cfg": "A", "batch_norm": False, "num_classes": 3, "labels": CLASSES,
+                         "test_scale": SCALE, "crop": 3, "tta": "center", "precision": "fp32",
+                         "provider": "CPUExecutionProvider", "val_top1": 0.5}
+
+
+def test_a_bare_onnx_file_is_served_in_the_precision_its_metadata_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_module, "_cuda_usable", lambda: False)
+    props = {**GOOD_PROPS, "precision": "int8", "cfg": "D", "batch_norm": "true", "crop": "3", "tta": "five",
+             "val_top1": "0.75"}
+    path = mean_colour_graph(tmp_path / "m.onnx", props=props)
+    assert check_model(str(path), precision="auto") == "m.onnx"
+    engine = Engine(resolve_model(str(path)), intra_op_threads=1)
+    assert engine.precision == "int8"
+    assert {k: engine.describe()[k] for k in ("cfg", "batch_norm", "crop", "tta", "val_top1", "test_scale")} == {
+        "cfg": "D", "batch_norm": True, "crop": 3, "tta": "five", "val_top1": 0.75, "test_scale": SCALE}
+    with pytest.raises(EngineError, match="VGG_PRECISION=fp32: m.onnx has no fp32 graph"):
+        check_model(str(path), precision="fp32")
+    old = mean_colour_graph(tmp_path / "old.onnx", props=GOOD_PROPS)  # exported before precisions were recorded
+    assert Engine(resolve_model(str(old)), intra_op_threads=1).precision == "fp32"
 
 
 def test_physical_cores_respect_a_container_quota(monkeypatch):

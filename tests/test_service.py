@@ -142,6 +142,32 @@ def test_health_and_docs(server) -> None:
     assert "vgg_inference_calls_total" in client.get("/metrics").text
 
 
+MODEL_FIELDS = {"tag", "cfg", "batch_norm", "num_classes", "labels", "test_scale", "crop", "tta", "precision",
+                "provider", "val_top1", "workers"}
+
+
+def test_model_endpoint_says_what_is_served(server, exported) -> None:
+    from export.onnx_io import read_metadata
+    from serving.engine import _cuda_usable
+
+    response = server["client"].get("/model")
+    assert response.status_code == 200, response.text
+    info = response.json()
+    assert set(info) == MODEL_FIELDS
+    exported_metadata = read_metadata(exported["onnx"])  # what export wrote, read by export's own reader
+    for key in ("cfg", "batch_norm", "num_classes", "crop", "tta", "val_top1"):
+        assert info[key] == exported_metadata[key], key
+    assert info["labels"] == CLASSES and info["test_scale"] == exported["scale"] == exported_metadata["scale"]
+    assert info["workers"] == 1
+    answer = server["client"].post("/classify", files={"image": ("a.png", encode(noise_image((30, 30), seed=6), "PNG"))})
+    assert info["tag"] == answer.json()["model"]
+    # The store entry has only fp32: served as fp32, on the CPU unless a GPU is usable.
+    assert info["precision"] == "fp32"
+    expected_provider = "CUDAExecutionProvider" if _cuda_usable() else "CPUExecutionProvider"
+    assert info["provider"] == expected_provider
+    assert server["client"].post("/model").status_code == 405
+
+
 # ---------------------------------------------------------------- answers equal direct ORT
 
 
