@@ -1,6 +1,6 @@
 """ASGI middleware in front of the upload endpoints: content type, body size, form shape.
 
-Checked before BentoML parses the request, so bad requests get a 4xx JSON answer instead of
+Checked before the request reaches BentoML, so bad requests get a 4xx JSON answer instead of
 reaching code that would fail with a 500 (a text field where a file belongs makes BentoML
 try to download it as a URL):
 
@@ -8,6 +8,10 @@ try to download it as a URL):
 - a body over ``VGG_MAX_BODY_BYTES`` (declared or actually sent): 413;
 - a malformed multipart body, a text value in the file field, a file or a non-integer in
   ``top_k``, a missing file field or an unknown field: 400 (BentoML would answer some of these with a 500).
+
+Each body is parsed once: the guard parses the form and hands it on in the ASGI scope
+(:data:`PARSED_FORM`); :func:`hand_on_parsed_forms` makes BentoML's multipart reader take that
+form instead of parsing the body again.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ import json
 import re
 from typing import Any, Awaitable, Callable
 
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from serving.settings import Settings
 
-__all__ = ["RequestGuard"]
+__all__ = ["RequestGuard", "PARSED_FORM", "hand_on_parsed_forms"]
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -31,6 +35,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 TEXT_FIELDS = ("top_k",)
+PARSED_FORM = "vgg.parsed_form"  # scope key: the form the guard parsed, for BentoML to use as it is
 DRAIN_LIMIT = 256 * 1024 * 1024  # past this, answer 413 without reading the rest
 
 
@@ -91,27 +96,53 @@ def field_problem(key: str, value: str | UploadFile, *, file_field: str) -> str 
     return None
 
 
-async def form_problem(scope: Scope, body: bytes, *, file_field: str) -> str | None:
-    """Why the multipart body cannot be served, or None."""
+class FormProblem(Exception):
+    """The body is not a well-formed multipart form (one-line message)."""
+
+
+async def parse_form(scope: Scope, body: bytes) -> FormData:
+    """The multipart form of ``body``; raises :class:`FormProblem`."""
     request = Request(scope, replay(body))
     try:
-        form = await request.form()
+        return await request.form()
     except MultiPartException as error:
-        return f"malformed multipart body: {error.message}"
+        raise FormProblem(f"malformed multipart body: {error.message}") from None
     except HTTPException as error:  # starlette's wrapping of MultiPartException
-        return f"malformed multipart body: {error.detail}"
+        raise FormProblem(f"malformed multipart body: {error.detail}") from None
     except Exception as error:  # python-multipart's own parse errors
-        return f"malformed multipart body: {type(error).__name__}"
-    try:
-        for key, value in form.multi_items():
-            problem = field_problem(key, value, file_field=file_field)
-            if problem is not None:
-                return problem
-        if file_field not in form:
-            return f"no {file_field!r} field: send the image as a file (curl -F {file_field}=@photo.jpg)"
-    finally:
-        await form.close()
+        raise FormProblem(f"malformed multipart body: {type(error).__name__}") from None
+
+
+def form_problem(form: FormData, *, file_field: str) -> str | None:
+    """Why the parsed form cannot be served, or None."""
+    for key, value in form.multi_items():
+        problem = field_problem(key, value, file_field=file_field)
+        if problem is not None:
+            return problem
+    if file_field not in form:
+        return f"no {file_field!r} field: send the image as a file (curl -F {file_field}=@photo.jpg)"
     return None
+
+
+def hand_on_parsed_forms() -> None:
+    """Make BentoML read a multipart request's form from :data:`PARSED_FORM` when the guard
+    has put it there, instead of parsing the body a second time (idempotent; call it in the
+    server worker). BentoML picks its request reader by content type, per request, from
+    ``_bentoml_impl.serde.ALL_SERDE`` (bentoml is pinned; the service tests check this hook)."""
+    from _bentoml_impl import serde
+
+    class ParsedFormSerde(serde.MultipartSerde):
+        async def parse_request(self, request: Request, cls: Any) -> Any:
+            form = request.scope.get(PARSED_FORM)
+            if form is not None:
+                request._form = form  # what Request.form() returns instead of parsing the stream
+            return await super().parse_request(request, cls)
+
+    readers = serde.ALL_SERDE
+    if getattr(readers.get(ParsedFormSerde.media_type), "hands_on_parsed_form", False):
+        return
+    ParsedFormSerde.hands_on_parsed_form = True  # type: ignore[attr-defined]
+    readers[ParsedFormSerde.media_type] = ParsedFormSerde  # type: ignore[index]
 
 
 class RequestGuard:
@@ -121,6 +152,7 @@ class RequestGuard:
         self.app = app
         self.paths = dict(paths)
         self.max_body_bytes = Settings.from_env().max_body_bytes
+        hand_on_parsed_forms()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
@@ -137,11 +169,20 @@ class RequestGuard:
         except BodyTooLarge as error:
             await send_json(send, 413, {"error": self.too_large(int(str(error)))})
             return
-        message = await form_problem(scope, body, file_field=self.paths[scope["path"]])
-        if message is not None:
-            await send_json(send, 400, {"error": message})
+        try:
+            form = await parse_form(scope, body)
+        except FormProblem as error:
+            await send_json(send, 400, {"error": str(error)})
             return
-        await self.app(scope, replay(body), send)
+        del body  # the form holds the data now (uploads in spooled files)
+        try:
+            message = form_problem(form, file_field=self.paths[scope["path"]])
+            if message is not None:
+                await send_json(send, 400, {"error": message})
+                return
+            await self.app({**scope, PARSED_FORM: form}, replay(b""), send)
+        finally:
+            await form.close()
 
     def header_problem(self, headers: Headers) -> tuple[int, str] | None:
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
