@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -27,7 +28,7 @@ from export.onnx_io import OPSET, save_onnx, set_metadata, to_onnx
 from export.reference import reference_probs
 from vgg.errors import one_line
 from vgg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from vgg.preprocessing import default_test_scale
+from vgg.preprocessing import MAX_SCALE, MIN_CROP, default_test_scale
 
 __all__ = ["ExportError", "ExportResult", "export_checkpoint", "PRECISIONS", "FP32_TOLERANCE"]
 
@@ -91,22 +92,53 @@ def _load_source(checkpoint_path: Path, *, scale: int | None) -> _Source:
         model = model_from_checkpoint(checkpoint)
         preprocess = checkpoint["preprocess"]
         mean, std = [float(v) for v in preprocess["mean"]], [float(v) for v in preprocess["std"]]
-        crop = int(preprocess["crop"])
-        default_scale = int(preprocess.get("test_scale") or default_test_scale(crop))
+        crop = _whole_number(preprocess["crop"], "crop")
+        stored_scale = preprocess.get("test_scale")
+        default_scale = default_test_scale(crop) if stored_scale is None else _whole_number(stored_scale, "test_scale")
+        classes = [str(name) for name in checkpoint["classes"]]
     except CheckpointError as error:
         raise ExportError(str(error)) from None
     except (KeyError, TypeError, ValueError) as error:
         raise ExportError(f"{checkpoint_path}: malformed checkpoint ({one_line(error, with_type=True)})") from None
     except Exception as error:  # torch.load on foreign bytes can raise nearly anything (IndexError, ...)
         raise ExportError(f"{checkpoint_path}: not a readable checkpoint ({type(error).__name__})") from None
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ExportError(f"{checkpoint_path}: preprocess mean/std must be 3 values, std positive")
-    scale = int(scale) if scale is not None else default_scale
-    if scale < crop:
-        raise ExportError(f"--scale {scale} is smaller than the crop {crop}")
+    _check_source(checkpoint_path, checkpoint, model, mean=mean, std=std, crop=crop, classes=classes)
+    if stored_scale is not None:
+        _check_scale(default_scale, crop=crop, where=f"{checkpoint_path}: its preprocess test_scale")
+    where = "the default test scale" if scale is None else "--scale"
+    scale = default_scale if scale is None else scale
+    _check_scale(scale, crop=crop, where=where)
     config = checkpoint.get("config") or {}
     data = config.get("data") if isinstance(config, dict) else None
     return _Source(checkpoint, model, mean, std, crop, scale, _sha256(checkpoint_path), check.training_folder(data))
+
+
+def _whole_number(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"preprocess {name} is {value!r}, not a whole number")
+    return int(value)
+
+
+def _check_scale(scale: int, *, crop: int, where: str) -> None:
+    if not crop <= scale <= MAX_SCALE:
+        raise ExportError(f"{where} is {scale}; a test scale must be between the crop {crop} and {MAX_SCALE}")
+
+
+def _check_source(path: Path, checkpoint: dict[str, Any], model: Any, *, mean: list[float], std: list[float],
+                  crop: int, classes: list[str]) -> None:
+    """Refuse, in one line, a checkpoint whose export would fail late or be refused by the server."""
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        raise ExportError(f"{path}: preprocess mean/std must be 3 finite values each, std positive; got {mean} and {std}")
+    if not MIN_CROP <= crop <= MAX_SCALE:
+        raise ExportError(f"{path}: preprocess crop is {crop}, must be between {MIN_CROP} and {MAX_SCALE}")
+    outputs = int(checkpoint["arch"]["num_classes"])
+    if len(classes) != outputs or len(set(classes)) != len(classes):
+        raise ExportError(f"{path}: {len(classes)} class names ({len(set(classes))} distinct) for a "
+                          f"{outputs}-output classifier; the checkpoint is inconsistent")
+    bad = next((name for name, tensor in model.state_dict().items()
+                if tensor.is_floating_point() and not bool(tensor.isfinite().all())), None)
+    if bad is not None:
+        raise ExportError(f"{path}: weight {bad} holds NaN or infinite values (a diverged run?); export an earlier checkpoint")
 
 
 def _metadata(source: _Source, *, tta: str) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def test_failed_check_registers_nothing(tmp_path, model, monkeypatch):
     ({"tta": "twelve"}, "unknown tta"),
     ({"precision": "int4"}, "unknown precision"),
     ({"register": False}, "nothing to do"),
-    ({"scale": 16}, "smaller than the crop"),
+    ({"scale": 16}, "must be between the crop"),
 ])
 def test_bad_arguments_raise_export_error(tmp_path, model, kwargs, message):
     checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)

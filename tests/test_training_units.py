@@ -67,7 +67,7 @@ def test_test_scale_flag_overrides_the_papers_q():
     config, demo = config_from_args(args)
     assert not demo and config.test_scale == 64 and config.scale_range == (64, 128)
     validate(config, world_size=1)
-    with pytest.raises(UsageError, match="--test-scale Q >= --crop"):
+    with pytest.raises(UsageError, match="--crop <= --test-scale Q"):
         validate(dataclasses.replace(config, eval_scale=48), world_size=1)
 
 

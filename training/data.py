@@ -44,6 +44,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VGG_CACHE") or Path.home() / ".cache" / "vggnet")
 
 
+def _loops_back(real: Path, chain: tuple[Path, ...]) -> bool:
+    """Whether a folder resolving to ``real`` is one of the resolved folders in ``chain`` (the
+    walk so far) or an ancestor of one: walking it would repeat or swallow the walk."""
+    return any(real == seen or real in seen.parents for seen in chain)
+
+
+def image_files(folder: Path) -> list[str]:
+    """Image files under ``folder`` (following symlinks), sorted; :class:`DataError` for a
+    symlinked folder that points back to a folder containing it (an endless or all-swallowing walk)."""
+    found: list[str] = []
+    pending = [(folder, (folder.parent.resolve(),))]
+    while pending:
+        directory, chain = pending.pop()
+        real = directory.resolve()
+        if _loops_back(real, chain):
+            raise DataError(f"{directory}: a symlink back to {real}, which contains it; remove the link")
+        try:
+            entries = sorted(directory.iterdir())
+        except OSError as error:
+            raise DataError(f"{directory}: cannot list ({error.strerror or error})") from None
+        for entry in entries:
+            if entry.is_dir():
+                pending.append((entry, (*chain, real)))
+            elif entry.suffix.lower() in IMAGE_EXTENSIONS and entry.is_file():
+                found.append(str(entry))
+    return sorted(found)
+
+
 def list_image_folder(folder: Path) -> tuple[list[str], list[Sample]]:
     """Class names (sorted sub-folder names) and samples of ``folder/<class>/<image>``."""
     if not folder.is_dir():
@@ -53,10 +81,7 @@ def list_image_folder(folder: Path) -> tuple[list[str], list[Sample]]:
         raise DataError(f"{folder}: no class folders (expected {folder}/<class>/<image>)")
     samples: list[Sample] = []
     for index, name in enumerate(classes):
-        files = sorted(
-            str(path) for path in (folder / name).rglob("*")
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-        )
+        files = image_files(folder / name)
         if not files:
             raise DataError(f"{folder / name}: class folder has no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
         samples += [(path, index) for path in files]
@@ -82,10 +107,13 @@ def stratified_split(targets: list[int], *, fraction: float, seed: int) -> tuple
 
 
 def folder_splits(root: Path, *, val_split: float, seed: int) -> Splits:
-    """``root/train`` and ``root/val`` if present, else a stratified split of ``root/train``."""
+    """``root/train`` (at least two classes) and ``root/val`` if present, else a stratified split
+    of ``root/train``."""
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
     classes, samples = list_image_folder(root / "train")
+    if len(classes) < 2:
+        raise DataError(f"{root / 'train'}: only one class folder ({classes[0]}); a classifier needs at least two")
     if (root / "val").is_dir():
         val_classes, val = list_image_folder(root / "val")
         if val_classes != classes:
@@ -225,16 +253,22 @@ class ReportingLoader:
 
 
 def sample_images(samples: list[Sample], *, count: int, scale: int, seed: int) -> list[Image.Image]:
-    """Up to ``count`` readable training images, shortest side rescaled to ``scale``."""
+    """Up to ``count`` readable training images, shortest side rescaled to ``scale``;
+    :class:`DataError` when none of those drawn can be read."""
     from vgg.preprocessing import resize_shortest_side
 
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(samples))[:count]
-    images = []
+    images, unreadable = [], []
     for index in chosen:
         image = load_rgb(samples[index][0])
         if isinstance(image, Unreadable):
             log.warning("skipping unreadable image %s: %s", image.path, image.reason)
+            unreadable.append(image)
         else:
             images.append(resize_shortest_side(image, scale))
+    if not images:
+        first = unreadable[0] if unreadable else Unreadable("(none)", "no images")
+        raise DataError(f"none of the {len(chosen)} training images sampled can be read "
+                        f"(e.g. {first.path}: {first.reason}); check the data folder")
     return images

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -37,6 +38,7 @@ from training.lr import PlateauState, plateau_step
 from training.transforms import DensePreset, EvalPreset, Stats, TrainPreset, dense_scales, pixel_stats
 from vgg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from vgg.errors import OneLineArgumentParser, one_line
+from vgg.preprocessing import MAX_SCALE, MIN_CROP
 
 log = logging.getLogger("training")
 
@@ -60,6 +62,7 @@ class ExportFailed(RuntimeError):
 PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
 RESUME_KEYS = ("config", "optimizer", "lr_rule", "epoch", "rng", "history")
 STATS_KEYS = ("mean", "std", "pca_eigval", "pca_eigvec")
+MAX_FC_WIDTH = 16384  # 4x the paper's 4096: the first FC layer alone is then 1.6 GB of fp32 weights
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -180,21 +183,30 @@ def validate(config: TrainConfig, *, world_size: int) -> None:
 def _validate_geometry(config: TrainConfig, *, world_size: int) -> None:
     if len(config.scale) not in (1, 2) or config.scale_range[0] > config.scale_range[1]:
         raise UsageError(f"--scale takes S or SMIN SMAX with SMIN <= SMAX, got {list(config.scale)}")
-    if config.crop < 32 or config.scale_range[0] < config.crop:
-        raise UsageError(f"need 32 <= --crop <= S, got crop {config.crop} and S {list(config.scale)}")
-    if config.test_scale < config.crop:
-        raise UsageError(f"need --test-scale Q >= --crop, got Q {config.test_scale} and crop {config.crop}")
+    if not MIN_CROP <= config.crop <= config.scale_range[0] <= config.scale_range[1] <= MAX_SCALE:
+        raise UsageError(f"need {MIN_CROP} <= --crop <= S <= {MAX_SCALE}, got crop {config.crop} and S {list(config.scale)}")
+    if not config.crop <= config.test_scale <= MAX_SCALE:
+        raise UsageError(f"need --crop <= --test-scale Q <= {MAX_SCALE}, got Q {config.test_scale} and crop {config.crop}")
     if config.batch_size < 1 or config.batch_size % world_size:
         raise UsageError(f"--batch-size {config.batch_size} must be a positive multiple of the {world_size} processes")
-    if config.epochs < 1 or config.fc_width < 1 or config.lr <= 0:
-        raise UsageError("--epochs, --fc-width and --lr must be positive")
+    if config.epochs < 1 or config.lr <= 0:
+        raise UsageError("--epochs and --lr must be positive")
+    if not 1 <= config.fc_width <= MAX_FC_WIDTH:
+        raise UsageError(f"--fc-width must be between 1 and {MAX_FC_WIDTH}, got {config.fc_width}")
     if config.data is not None and config.dataset is not None:
         raise UsageError("give --data or --dataset, not both")
     if config.stats_images < 1:
         raise UsageError(f"--stats-images must be at least 1, got {config.stats_images}")
 
 
+FLOAT_FLAGS = ("dropout", "momentum", "weight_decay", "lr", "lr_factor", "pca_std", "val_split")
+
+
 def _validate_optimiser(config: TrainConfig) -> None:
+    for name in FLOAT_FLAGS:
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
     for flag, value in (("--momentum", config.momentum), ("--weight-decay", config.weight_decay),
@@ -204,6 +216,8 @@ def _validate_optimiser(config: TrainConfig) -> None:
             raise UsageError(f"{flag} must not be negative, got {value}")
     if not 0.0 < config.lr_factor <= 1.0:
         raise UsageError(f"--lr-factor must be in (0, 1], got {config.lr_factor}")
+    if not 0.0 < config.val_split < 1.0:
+        raise UsageError(f"--val-split must be between 0 and 1, got {config.val_split}")
 
 
 def _validate_running(config: TrainConfig) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,15 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None
         os.close(directory)
 
 
+def _unsafe_reason(error: pickle.UnpicklingError) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in this project's words (torch's
+    own message suggests loading it unsafely, which must not be repeated as advice)."""
+    named = re.search(r"(?:GLOBAL|global) '?([\w.]+)", str(error))
+    found = f" (it references {named.group(1)})" if named else ""
+    return (f"it holds Python objects other than tensors and plain data{found}, and unpickling them could run "
+            "code; only checkpoints written by training.run are accepted")
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint; raise :class:`CheckpointError` with a one-line reason."""
     path = Path(path)
@@ -68,7 +78,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused to load, not a plain checkpoint ({one_line(error)})") from None
+        raise CheckpointError(f"{path}: refused to load: {_unsafe_reason(error)}") from None
     except Exception as error:  # torch.load raises many types on foreign bytes; all mean "not readable"
         raise CheckpointError(f"{path}: not a readable checkpoint ({one_line(error, with_type=True)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:

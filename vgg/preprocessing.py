@@ -25,6 +25,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "ImageTooLarge",
+    "MIN_CROP",
+    "MAX_SCALE",
     "default_test_scale",
     "open_rgb",
     "resize_shortest_side",
@@ -41,6 +43,12 @@ IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # Test scale Q for a crop: the paper's single-scale setting Q = 256 for a 224 crop
 # (torchvision's "resize 256, crop 224" preset); smaller geometries scale with the crop.
 TEST_SCALE_RATIO = 256 / 224
+
+# Geometry bounds shared by training and export. VGG's five 2x2 max-pools need a crop of at
+# least 32 pixels; training scale S, test scale Q and the crop are at most MAX_SCALE, which
+# keeps the decoded and resized images (and the exported graph's input) of bounded size.
+MIN_CROP = 32
+MAX_SCALE = 1024
 
 # Decompression-bomb limit: 50 megapixels is far above any photo a classifier needs.
 DEFAULT_MAX_PIXELS = 50_000_000
