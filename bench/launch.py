@@ -30,8 +30,10 @@ def free_port() -> int:
 
 
 def bentoml_serve_command(port: int) -> list[str]:
-    bentoml = Path(sys.executable).with_name("bentoml")
-    return [str(bentoml), "serve", "service:VGGClassifier", "--host", "127.0.0.1", "--port", str(port)]
+    """``python -m bentoml serve``: works wherever bentoml is importable (a venv, or a
+    ``pip install --target`` folder on PYTHONPATH, which puts no ``bentoml`` script next to
+    the interpreter)."""
+    return [sys.executable, "-m", "bentoml", "serve", "service:VGGClassifier", "--host", "127.0.0.1", "--port", str(port)]
 
 
 def _log_tail(log_path: Path, lines: int = 40) -> str:

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         payloads = load_payloads(args.images, 64)
-        env = {**os.environ, "VGG_MODEL": str(files.onnx_path), "PYTHONPATH": str(REPO_ROOT)}
+        env = {**os.environ, "VGG_MODEL": str(files.onnx_path), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         print(f"model {files.tag} ({files.onnx_path.name}, {files.scale}x{files.scale}), {len(payloads)} images; "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
         print(f"{'target':8s} {'c':>4s} {'done':>6s} {'errors':>6s} {'images/s':>10s} {'p50 ms':>9s} {'p99 ms':>9s}")

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from serving.cuda import cuda_device_count, cuda_problem, preload_cuda_libraries
 from vgg.errors import one_line
 
 __all__ = [
@@ -223,10 +224,8 @@ def check_model(spec: str | None = None, *, require_gpu: bool = False, precision
     Returns the model's tag or file name."""
     cuda = _cuda_usable()
     if require_gpu and not cuda:
-        raise EngineError(
-            "VGG_REQUIRE_GPU=1 but no usable GPU: ONNX Runtime's CUDA provider, the NVIDIA driver "
-            "or a visible GPU is missing"
-        )
+        reason = cuda_problem() or "ONNX Runtime cannot use CUDA"
+        raise EngineError(f"VGG_REQUIRE_GPU=1 but the GPU is not usable: {reason}")
     spec = model_spec(spec)
     if is_onnx_path(spec) and not Path(spec).expanduser().is_file():
         raise EngineError(f"VGG_MODEL={spec}: no such ONNX file")
@@ -260,24 +259,12 @@ def physical_cores() -> int:
 
 def _cuda_device_count() -> int:
     """GPUs the NVIDIA driver can see (0 without a driver, or with CUDA_VISIBLE_DEVICES="")."""
-    import ctypes
-
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")  # the driver: absent on machines without a GPU
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
+    return cuda_device_count()
 
 
 def _cuda_usable() -> bool:
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    return _cuda_device_count() > 0
+    """ONNX Runtime can run a session on the GPU (:func:`serving.cuda.cuda_problem`)."""
+    return cuda_problem() is None
 
 
 def _open_session(graph: Path, *, cuda: bool, intra_op_threads: int | None, gpu_id: int = 0) -> Any:
@@ -288,7 +275,10 @@ def _open_session(graph: Path, *, cuda: bool, intra_op_threads: int | None, gpu_
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if cuda:
-        cuda_options = {"device_id": str(gpu_id), "cudnn_conv_algo_search": "EXHAUSTIVE"}
+        preload_cuda_libraries()
+        # fp32 means fp32: no TF32 in convolutions or GEMMs, so the GPU agrees with the CPU and
+        # the PyTorch reference (the fp16 graph is the fast one).
+        cuda_options = {"device_id": str(gpu_id), "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"}
         providers: list[Any] = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
     else:
         options.intra_op_num_threads = intra_op_threads or physical_cores()
@@ -322,6 +312,8 @@ class Engine:
         self.labels = files.labels
         self.scale = files.scale
         self.gpu_id = gpu_id
+        if device == "cuda" and not _cuda_usable():
+            raise EngineError(f"a GPU was required but it is not usable: {cuda_problem()}")
         want_cuda = device == "cuda" or (device == "auto" and _cuda_usable())
         self._open(precision, cuda=want_cuda, intra_op_threads=intra_op_threads)
         if want_cuda and not self.on_gpu:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the optional real data set and a fresh BentoML model store per test."""
+"""Shared fixtures: the optional real data set, a fresh BentoML model store per test; tests
+marked ``gpu`` skip without a CUDA GPU."""
 
 from __future__ import annotations
 
@@ -27,3 +28,21 @@ def bentoml_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
     monkeypatch.delenv("VGG_MODEL", raising=False)
     return home
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests skip, with the reason, on a machine without a CUDA GPU."""
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -103,39 +103,6 @@ def test_labels_that_do_not_fit_the_graph_fail_when_the_engine_opens(tmp_path):
         Engine(resolve_model(tag), device="cpu", intra_op_threads=1)
 
 
-class FakeDriver:
-    """libcuda.so.1 as seen with CUDA_VISIBLE_DEVICES="" (loads, but cuInit finds no device)."""
-
-    def __init__(self, init_status: int, count: int) -> None:
-        self.init_status, self.count = init_status, count
-
-    def cuInit(self, flags):  # noqa: N802 (the driver's name)
-        return self.init_status
-
-    def cuDeviceGetCount(self, pointer):  # noqa: N802
-        pointer._obj.value = self.count
-        return 0
-
-
-@pytest.mark.parametrize(("init_status", "count", "expected"), [(100, 0, 0), (0, 0, 0), (0, 2, 2)])
-def test_cuda_device_count_asks_the_driver(monkeypatch, init_status, count, expected):
-    import ctypes
-
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver(init_status, count))
-    assert engine_module._cuda_device_count() == expected
-
-
-def test_require_gpu_with_a_driver_but_no_visible_gpu_is_refused(tmp_path, monkeypatch):
-    import ctypes
-
-    import onnxruntime as ort
-
-    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeDriver(100, 0))  # CUDA_ERROR_NO_DEVICE
-    with pytest.raises(EngineError, match="VGG_REQUIRE_GPU=1 but no usable GPU"):
-        check_model(str(mean_colour_graph(tmp_path / "good.onnx", props=GOOD_PROPS)), require_gpu=True)
-
-
 def test_an_unreadable_store_is_one_engine_error(monkeypatch):
     def unreadable(tag):
         raise PermissionError(13, "Permission denied", "/home/vgg/bentoml/models/vgg")

@@ -93,7 +93,7 @@ def test_bad_checkpoint_one_line_exit_2_nothing_registered(tmp_path, capsys, cas
 @pytest.mark.slow
 def test_code_pickle_refused_by_the_real_cli(tmp_path):
     path = _code_pickle(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, "-m", "export", "--checkpoint", str(path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,

@@ -34,7 +34,7 @@ def tiny_data(tmp_path) -> Path:
 
 def run_env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "VGG_CACHE": str(tmp_path / "cache"), "BENTOML_HOME": str(tmp_path / "bentoml"),
-            "PYTHONPATH": str(REPO_ROOT)}
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def train(args: list[str], tmp_path: Path, *, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -186,7 +186,7 @@ def test_run_writes_checkpoints_metrics_plot_and_resumes_bit_identically_after_s
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path, tiny_data):
     """DDP with 2 processes of 8 images = 1 process of 16 (dropout and augmentation off)."""
-    args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--dropout", "0", "--no-augment"]
+    args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--dropout", "0", "--no-augment", "--device", "cpu"]
     single = train([*args, "--out", str(tmp_path / "one")], tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

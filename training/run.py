@@ -270,7 +270,13 @@ def setup_runtime(device_name: str) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(
+                f"process with LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} visible GPU(s): "
+                "start at most one process per GPU (torchrun --nproc-per-node), or train with --device cpu"
+            )
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -305,7 +311,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A run may resume on fewer (or more) GPUs than it was saved on: restore what fits.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def resolve_data(config: TrainConfig) -> TrainConfig:

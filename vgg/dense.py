@@ -33,9 +33,9 @@ def feature_size(crop: int) -> int:
     return size
 
 
-def _pool_matrix(size: int) -> torch.Tensor:
+def _pool_matrix(size: int, *, device: torch.device | None = None) -> torch.Tensor:
     """``P[i, j, p, q]`` = d avgpool(x)[p, q] / d x[i, j] for an ``size x size`` input."""
-    basis = torch.eye(size * size, dtype=torch.float64).view(size * size, 1, size, size)
+    basis = torch.eye(size * size, dtype=torch.float64, device=device).view(size * size, 1, size, size)
     pooled = F.adaptive_avg_pool2d(basis, POOLED_SIZE)
     return pooled.view(size, size, POOLED_SIZE, POOLED_SIZE)
 
@@ -62,7 +62,7 @@ class DenseVGG(nn.Module):
         self.features = model.features
         with torch.no_grad():
             fc6_kernel = fc6.weight.view(fc6.out_features, channels, POOLED_SIZE, POOLED_SIZE)
-            folded = torch.einsum("ocpq,ijpq->ocij", fc6_kernel.double(), _pool_matrix(size))
+            folded = torch.einsum("ocpq,ijpq->ocij", fc6_kernel.double(), _pool_matrix(size, device=fc6_kernel.device))
             self.fc6 = nn.Conv2d(channels, fc6.out_features, kernel_size=size)
             self.fc6.weight.copy_(folded.to(fc6.weight.dtype))
             self.fc6.bias.copy_(fc6.bias)
