@@ -3,6 +3,7 @@ marked ``gpu`` skip without a CUDA GPU."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,9 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests skip, with the reason, on a machine without a CUDA GPU."""
-    if _cuda_available():
+    """``@pytest.mark.gpu`` tests skip, with the reason, on a machine without a CUDA GPU,
+    unless ``VGG_CHECK_DEVICE=cpu`` (``bench/gpu_check.sh --dry-run``) runs them on the CPU."""
+    if _cuda_available() or os.environ.get("VGG_CHECK_DEVICE") == "cpu":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
     for item in items:

@@ -137,6 +137,8 @@ def test_without_a_gpu_the_probe_says_why_in_one_line():
 @pytest.mark.gpu
 def test_cuda_session_without_torch_in_the_process():
     """The service's processes never import torch: the CUDA provider must work on its own."""
+    if os.environ.get("VGG_CHECK_DEVICE", "cuda") != "cuda":
+        pytest.skip("a dry run on the CPU")
     code = ("import sys; from serving.cuda import cuda_problem; problem = cuda_problem(); "
             "assert 'torch' not in sys.modules; print(problem)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}

@@ -237,6 +237,7 @@ class Runtime:
     device: torch.device
     rank: int
     world_size: int
+    launched: bool = False  # started by torchrun: a process group even for one process
 
     @property
     def is_main(self) -> bool:
@@ -244,7 +245,11 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
+
+    @property
+    def backend(self) -> str:
+        return dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -266,10 +271,11 @@ def resolve_device(name: str) -> torch.device:
 
 def setup_runtime(device_name: str) -> Runtime:
     """Device auto-selection; process group from torchrun's environment variables."""
+    launched = "WORLD_SIZE" in os.environ  # torchrun sets it, also for --nproc-per-node 1
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = resolve_device(device_name)
-    if device.type == "cuda" and world_size > 1:
+    if device.type == "cuda" and launched:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if local_rank >= torch.cuda.device_count():
             raise UsageError(
@@ -279,9 +285,9 @@ def setup_runtime(device_name: str) -> Runtime:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if launched and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    return Runtime(device=device, rank=rank, world_size=world_size)
+    return Runtime(device=device, rank=rank, world_size=world_size, launched=launched)
 
 
 def seed_everything(seed: int) -> None:
@@ -503,8 +509,8 @@ def main(args: argparse.Namespace) -> int:
 
     log.info("VGG-%s%s, %d classes, %d train / %d val images from %s", config.cfg, "-BN" if config.batch_norm else "",
              len(splits.classes), len(splits.train), len(splits.val), config.data)
-    log.info("init: %s | device %s x%d | amp %s | S %s crop %d Q %d | batch %d lr %g momentum %g wd %g dropout %g",
-             init, runtime.device, runtime.world_size, "bf16" if config.amp else "off", list(config.scale), config.crop,
+    log.info("init: %s | device %s x%d (process group: %s) | amp %s | S %s crop %d Q %d | batch %d lr %g momentum %g wd %g dropout %g",
+             init, runtime.device, runtime.world_size, runtime.backend, "bf16" if config.amp else "off", list(config.scale), config.crop,
              config.test_scale, config.batch_size, rule.lr, config.momentum, config.weight_decay, config.dropout)
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
