@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
+import json
 import platform
 import re
 import sys
@@ -44,6 +44,7 @@ from export.check import random_images  # noqa: E402
 from export.graph import InferenceGraph  # noqa: E402
 from export.onnx_io import save_onnx, to_onnx  # noqa: E402
 from export.reference import reference_probs  # noqa: E402
+from serving.engine import physical_cores  # noqa: E402
 from vgg.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, default_test_scale  # noqa: E402
 
 MACS_PER_CROP = {"D": 15.47e9}  # at 224x224; other configs/crops are counted with a hook
@@ -118,22 +119,44 @@ def export_graph(model, *, crop: int, scale: int, half: bool, path: Path) -> Pat
     return save_onnx(proto, path, full_check=False)
 
 
-def bench_cuda(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_per_image: float) -> None:
-    """ORT CUDA fp32/fp16 with IO binding vs PyTorch eager on the GPU."""
+def cuda_session(path: Path) -> ort.InferenceSession:
+    """An ORT session that really runs on CUDA (as the service opens it), or SystemExit with ORT's reason."""
+    from serving.cuda import cuda_problem, preload_cuda_libraries
+
+    problem = cuda_problem()
+    if problem is not None:
+        raise SystemExit(f"error: ORT CUDA is not usable: {problem}")
+    preload_cuda_libraries()
+    options = {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"}
+    session = ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", options)])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise SystemExit(f"error: the ORT session for {path.name} runs on {session.get_providers()[0]}, not CUDA")
+    return session
+
+
+def bench_cuda(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_per_image: float) -> dict[str, float]:
+    """ORT CUDA fp32/fp16 with IO binding vs PyTorch eager (fp32 without TF32, and fp16) on the GPU."""
     device = torch.device("cuda")
+    torch.backends.cudnn.allow_tf32 = False  # fp32 is fp32 on both sides (ORT: use_tf32=0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
     print("\n== CUDA:", torch.cuda.get_device_name(0))
-    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=args.crop, scale=args.scale,
-                           tta="five").to(device).eval()
     on_device = torch.from_numpy(images).to(device)
+    results = {}
+    for precision, half in (("fp32", False), ("fp16", True)):
+        graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=args.crop, scale=args.scale,
+                               tta="five", half=half).to(device).eval()
 
-    def torch_run(batch):
-        with torch.inference_mode():
-            graph(on_device[: len(batch)])
-        torch.cuda.synchronize()
+        def torch_run(batch, graph=graph):
+            with torch.inference_mode():
+                graph(on_device[: len(batch)])
+            torch.cuda.synchronize()
 
-    results = {"pytorch eager fp32": images_per_second(torch_run, images, batch=args.batch, iters=args.iters)}
+        results[f"PyTorch eager {precision}"] = images_per_second(torch_run, images, batch=args.batch,
+                                                                  iters=args.iters, warmup=2)
+        del graph
     for precision in ("fp32", "fp16"):
-        sess = ort.InferenceSession(str(paths[precision]), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        sess = cuda_session(paths[precision])
         binding = sess.io_binding()
         input_value = ort.OrtValue.ortvalue_from_numpy(images[: args.batch], "cuda", 0)
         binding.bind_ortvalue_input("images", input_value)
@@ -145,13 +168,16 @@ def bench_cuda(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_
             binding.synchronize_outputs()
 
         results[f"ORT CUDA {precision} (IO binding)"] = images_per_second(ort_run, images, batch=args.batch,
-                                                                          iters=args.iters)
+                                                                          iters=args.iters, warmup=2)
+    print(f"{'engine':32s} {'images/s':>9s} {'crops/s':>9s} {'TFLOP/s':>8s}")
     for name, rate in results.items():
-        print(f"{name:32s} {rate:9.1f} images/s  {rate * macs_per_image * 2 / 1e12:7.2f} TFLOP/s")
-    base = results["pytorch eager fp32"]
-    print(f"ratio ORT CUDA fp32 / PyTorch eager: {results['ORT CUDA fp32 (IO binding)'] / base:.2f}")
+        print(f"{name:32s} {rate:9.1f} {rate * CROPS_PER_IMAGE:9.1f} {rate * macs_per_image * 2 / 1e12:8.2f}")
+    for precision in ("fp32", "fp16"):
+        ratio = results[f"ORT CUDA {precision} (IO binding)"] / results[f"PyTorch eager {precision}"]
+        print(f"ratio ORT CUDA {precision} / PyTorch eager {precision}: {ratio:.2f}")
     print(f"ratio ORT CUDA fp16 / ORT CUDA fp32: "
           f"{results['ORT CUDA fp16 (IO binding)'] / results['ORT CUDA fp32 (IO binding)']:.2f}")
+    return results
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,11 +187,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=None, help="Q (default: 256 for 224)")
     parser.add_argument("--batch", type=int, default=8, help="images per run (x5 crops)")
     parser.add_argument("--iters", type=int, default=3, help="timed runs per engine")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores, cgroup-aware)")
     parser.add_argument("--calibration", type=int, default=4, help="int8 calibration images (random)")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--no-cuda", action="store_true")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU engines (the GPU part only)")
+    parser.add_argument("--save-dir", type=Path, default=None,
+                        help="keep the exported graphs here (model.onnx, model.fp16.onnx) for bench/serve.py")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
+    args.threads = args.threads or physical_cores()
     args.scale = args.scale or default_test_scale(args.crop)
     return args
 
@@ -186,50 +217,68 @@ def main(argv: list[str] | None = None) -> int:
           f"{int8_peak:.0f} GOP/s int8 = {how}")
 
     with tempfile.TemporaryDirectory(prefix="vgg-bench-") as scratch:
-        paths = {"fp32": export_graph(model, crop=args.crop, scale=args.scale, half=False,
-                                      path=Path(scratch) / "model.onnx")}
-        if not args.no_int8:
-            from export.quantize import quantize_int8
-
-            paths["int8"] = quantize_int8(paths["fp32"], Path(scratch) / "model.int8.onnx",
-                                          calibration_images=images[: args.calibration])
-        mean, std = IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
-        results = {
-            "pytorch eager reference": images_per_second(
-                lambda b: reference_probs(model, b, mean=mean, std=std, crop=args.crop, tta="five"),
-                images, batch=args.batch, iters=args.iters),
-        }
-        eager = InferenceGraph(model, mean=mean, std=std, crop=args.crop, scale=args.scale, tta="five").eval()
-
-        def eager_run(batch):
-            with torch.inference_mode():
-                eager(torch.from_numpy(batch))
-
-        results["pytorch eager batched graph"] = images_per_second(eager_run, images, batch=args.batch, iters=args.iters)
-        for precision, path in paths.items():
-            sess = cpu_session(path, args.threads)
-            results[f"ORT CPU {precision}"] = images_per_second(
-                lambda b, sess=sess: sess.run(None, {"images": b}), images, batch=args.batch, iters=args.iters)
-
-        print(f"\n{'engine':32s} {'images/s':>9s}  {'GFLOP/s':>8s}  {'of peak':>7s}")
-        for name, rate in results.items():
-            gflops = rate * macs_per_image * 2 / 1e9
-            peak = int8_peak if "int8" in name else fp32_peak
-            print(f"{name:32s} {rate:9.2f}  {gflops:8.1f}  {gflops / peak:7.1%}")
-        reference = results["pytorch eager reference"]
-        print(f"\nratio ORT fp32 / PyTorch eager reference: {results['ORT CPU fp32'] / reference:.2f} (target >= 2.0)")
-        print(f"ratio ORT fp32 / PyTorch eager batched:   {results['ORT CPU fp32'] / results['pytorch eager batched graph']:.2f}")
-        if "ORT CPU int8" in results:
-            print(f"ratio ORT int8 / ORT fp32:                {results['ORT CPU int8'] / results['ORT CPU fp32']:.2f} "
-                  f"(target >= 2.5 with AVX512-VNNI)")
+        folder = args.save_dir or Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"fp32": export_graph(model, crop=args.crop, scale=args.scale, half=False, path=folder / "model.onnx")}
+        results = {} if args.no_cpu else bench_cpu(model, paths, images, args=args, macs_per_image=macs_per_image,
+                                                    peaks=(fp32_peak, int8_peak))
         cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-        if cuda and not args.no_cuda:
+        if args.save_dir or (cuda and not args.no_cuda):
             paths["fp16"] = export_graph(model, crop=args.crop, scale=args.scale, half=True,
-                                         path=Path(scratch) / "model.fp16.onnx")
-            bench_cuda(model, paths, images, args=args, macs_per_image=macs_per_image)
+                                         path=folder / "model.fp16.onnx")
+        if cuda and not args.no_cuda:
+            results |= bench_cuda(model, paths, images, args=args, macs_per_image=macs_per_image)
         else:
             print("\nno CUDA GPU (or no CUDA provider): GPU path skipped")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "cfg": args.cfg, "crop": args.crop, "test_scale": args.scale, "batch": args.batch, "iters": args.iters,
+            "crops_per_image": CROPS_PER_IMAGE, "gmac_per_crop": macs_per_crop / 1e9, "threads": args.threads,
+            "torch": torch.__version__, "onnxruntime": ort.__version__,
+            "images_per_s": {name: round(rate, 2) for name, rate in results.items()},
+        }, indent=2) + "\n")
     return 0
+
+
+def bench_cpu(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_per_image: float,
+              peaks: tuple[float, float]) -> dict[str, float]:
+    """ORT CPU (fp32, int8) vs PyTorch eager on the CPU, with the share of the estimated peak."""
+    if not args.no_int8:
+        from export.quantize import quantize_int8
+
+        paths["int8"] = quantize_int8(paths["fp32"], paths["fp32"].with_name("model.int8.onnx"),
+                                      calibration_images=images[: args.calibration])
+    mean, std = IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+    results = {
+        "pytorch eager reference": images_per_second(
+            lambda b: reference_probs(model, b, mean=mean, std=std, crop=args.crop, tta="five"),
+            images, batch=args.batch, iters=args.iters),
+    }
+    eager = InferenceGraph(model, mean=mean, std=std, crop=args.crop, scale=args.scale, tta="five").eval()
+
+    def eager_run(batch):
+        with torch.inference_mode():
+            eager(torch.from_numpy(batch))
+
+    results["pytorch eager batched graph"] = images_per_second(eager_run, images, batch=args.batch, iters=args.iters)
+    for precision in [name for name in ("fp32", "int8") if name in paths]:
+        sess = cpu_session(paths[precision], args.threads)
+        results[f"ORT CPU {precision}"] = images_per_second(
+            lambda b, sess=sess: sess.run(None, {"images": b}), images, batch=args.batch, iters=args.iters)
+
+    fp32_peak, int8_peak = peaks
+    print(f"\n{'engine':32s} {'images/s':>9s}  {'GFLOP/s':>8s}  {'of peak':>7s}")
+    for name, rate in results.items():
+        gflops = rate * macs_per_image * 2 / 1e9
+        peak = int8_peak if "int8" in name else fp32_peak
+        print(f"{name:32s} {rate:9.2f}  {gflops:8.1f}  {gflops / peak:7.1%}")
+    reference = results["pytorch eager reference"]
+    print(f"\nratio ORT fp32 / PyTorch eager reference: {results['ORT CPU fp32'] / reference:.2f} (target >= 2.0)")
+    print(f"ratio ORT fp32 / PyTorch eager batched:   {results['ORT CPU fp32'] / results['pytorch eager batched graph']:.2f}")
+    if "ORT CPU int8" in results:
+        print(f"ratio ORT int8 / ORT fp32:                {results['ORT CPU int8'] / results['ORT CPU fp32']:.2f} "
+              f"(target >= 2.5 with AVX512-VNNI)")
+    return results
 
 
 if __name__ == "__main__":

@@ -55,9 +55,10 @@ log = logging.getLogger("reproduce")
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "imagenette"
 # The paper's geometry (section 3.1: S jittered in [256, 512], 224 crops; Q = 256 served) and
 # the same scaled by 1/4 for a 2-core CPU.
+# S is jittered in [Smin, Smax]; the single test scale is then Q = (Smin + Smax) / 2 (section 4.1).
 GEOMETRIES = {
-    "paper": {"scale": (256, 512), "crop": 224, "test_scale": 256},
-    "quarter": {"scale": (64, 128), "crop": 56, "test_scale": 64},
+    "paper": {"scale": (256, 512), "crop": 224, "test_scale": 384},
+    "quarter": {"scale": (64, 128), "crop": 56, "test_scale": 96},
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import json
 import os
 import platform
 import subprocess
@@ -222,6 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most")
+    parser.add_argument("--json", type=Path, default=None, help="also write every row to this JSON file")
     parser.add_argument("--targets", nargs="+", choices=("service", "naive", "engine"),
                         default=["service", "naive", "engine"])
     return parser.parse_args(argv)
@@ -261,7 +263,16 @@ def main(argv: list[str] | None = None) -> int:
             with running_server(servers[name](port), port=port, env=env, log_path=log, timeout_s=600) as (url, _):
                 results += bench_http(name, url, payloads, args)
         print_targets(results, high=max(args.concurrency), low=min(args.concurrency))
+    if args.json:
+        args.json.write_text(json.dumps({"model": files.tag, "graph": files.onnx_path.name, "scale": files.scale,
+                                         "images": len(payloads), "rows": [row_dict(r) for r in results]}, indent=2) + "\n")
     return 0
+
+
+def row_dict(result: Result) -> dict:
+    return {"target": result.target, "concurrency": result.concurrency, "completed": result.completed,
+            "errors": result.errors, "images_per_s": round(result.throughput, 2),
+            "p50_ms": round(result.percentile(50), 2), "p99_ms": round(result.percentile(99), 2)}
 
 
 if __name__ == "__main__":
