@@ -155,7 +155,7 @@ def step_serve_speed(ctx: Context) -> StepResult:
     figures = ctx.out / "serve-speed.figures.json"
     graph = ctx.out / "model" / ("model.onnx" if ctx.dry_run else "model.fp16.onnx")
     load = ["--concurrency", "1", "4", "--requests", "8", "--time-limit", "30"] if ctx.dry_run else \
-        ["--concurrency", "1", "32", "128", "--requests", "640", "--time-limit", "25"]
+        ["--concurrency", "1", "32", "128", "--requests", "384", "--time-limit", "20"]
     images = ["--images", str(ctx.data / "imagenette" / "train")] if ctx.data else []
     command = python("bench/serve.py", "--model", str(graph), *images, *load, "--json", str(figures))
     env = ctx.env(VGG_REQUIRE_GPU="0" if ctx.dry_run else "1")
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {'passed' if result.ok else 'FAILED: ' + result.reason} ({result.seconds:.0f} s)",
               flush=True)
         failed |= not result.ok
+        write_report(ctx)  # after every step: a command stopped at its time limit still leaves one
         if not result.ok and name in STOP_ON_FAILURE:
             print(f"error: {result.reason}\n{result.tail}", file=sys.stderr)
             break
