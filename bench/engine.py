@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import vgg  # noqa: E402
 from export.check import random_images  # noqa: E402
 from export.graph import InferenceGraph  # noqa: E402
-from export.onnx_io import save_onnx, to_onnx  # noqa: E402
+from export.onnx_io import save_onnx, set_metadata, to_onnx  # noqa: E402
 from export.reference import reference_probs  # noqa: E402
 from serving.engine import physical_cores  # noqa: E402
 from vgg.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, default_test_scale  # noqa: E402
@@ -116,6 +116,8 @@ def export_graph(model, *, crop: int, scale: int, half: bool, path: Path) -> Pat
                            tta="five", half=half)
     with contextlib.redirect_stdout(io.StringIO()):
         proto = to_onnx(graph)
+    # Enough metadata for the service to serve the file (bench/serve.py --model PATH).
+    set_metadata(proto, {"scale": scale, "crop": crop, "tta": "five", "precision": "fp16" if half else "fp32"})
     return save_onnx(proto, path, full_check=False)
 
 

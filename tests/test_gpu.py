@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import vgg
 from export_helpers import peaky_model, write_checkpoint
 from serving.engine import Engine, ModelFiles, resolve_model
-from serving.launch import bentoml_serve_command, free_port, running_server
+from bench.launch import bentoml_serve_command, free_port, running_server
 from training_helpers import write_folder
 from vgg.preprocessing import open_rgb, to_graph_input
 
@@ -62,16 +62,22 @@ def env_with_repo(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory) -> ModelFiles:
-    """A peaky 10-class VGG-A exported twice (fp32, fp16) as bare .onnx files."""
+def checkpoint(tmp_path_factory) -> Path:
+    """A peaky 10-class VGG-A: its top-1 is far from ties on most images."""
+    root = tmp_path_factory.mktemp("gpu-model")
+    return write_checkpoint(root / "best.pt", peaky_model(num_classes=len(CLASSES)), classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def graphs(checkpoint) -> ModelFiles:
+    """The checkpoint exported twice (fp32, fp16) as bare .onnx files, as one model."""
     from export import export_checkpoint
 
-    root = tmp_path_factory.mktemp("gpu-graphs")
-    checkpoint = write_checkpoint(root / "best.pt", peaky_model(num_classes=len(CLASSES)), classes=CLASSES)
-    fp32 = export_checkpoint(checkpoint, tta="five", register=False, out=root / "model.onnx").onnx_path
+    fp32 = export_checkpoint(checkpoint, tta="five", register=False, out=checkpoint.with_name("model.onnx"))
     fp16 = export_checkpoint(checkpoint, tta="five", precision="fp16", register=False,
-                             out=root / "model.fp16.onnx").onnx_path
-    return dataclasses.replace(resolve_model(str(fp32)), fp16_path=fp16)
+                             out=checkpoint.with_name("model.fp16.onnx"))
+    return dataclasses.replace(resolve_model(str(fp32.onnx_path)),
+                               graphs={"fp32": fp32.onnx_path, "fp16": fp16.onnx_path})
 
 
 def decisive(probs: np.ndarray, margin: float = 0.05) -> np.ndarray:
@@ -82,17 +88,16 @@ def decisive(probs: np.ndarray, margin: float = 0.05) -> np.ndarray:
 
 def test_cuda_engine_matches_the_cpu_engine(graphs, real_jpegs, device):
     images = np.stack([to_graph_input(open_rgb(path), graphs.scale) for path in real_jpegs])
-    cpu = Engine(dataclasses.replace(graphs, fp16_path=None), device="cpu", intra_op_threads=2)
+    cpu = Engine(graphs, device="cpu", precision="fp32", intra_op_threads=2)
     expected = cpu.run(images)
-    fp32 = Engine(dataclasses.replace(graphs, fp16_path=None), device=device.type)
+    fp32 = Engine(graphs, device=device.type, precision="fp32")
     assert fp32.on_gpu == (device.type == "cuda"), fp32.provider
     np.testing.assert_allclose(fp32.run(images), expected, rtol=0, atol=1e-4)
     fp32.warm_up([8, 64])  # on the GPU: padded to a warmed-up size, IO binding
     np.testing.assert_allclose(fp32.run(images[:5]), expected[:5], rtol=0, atol=1e-4)
 
-    fp16 = Engine(graphs, device=device.type)
-    if device.type == "cuda":
-        assert fp16.graph_path == graphs.fp16_path
+    fp16 = Engine(graphs, device=device.type)  # auto: fp16 on CUDA (fp32 on the CPU of a dry run)
+    assert fp16.precision == ("fp16" if device.type == "cuda" else "fp32")
     half = fp16.run(images)
     assert half.dtype == np.float32 and np.isfinite(half).all()
     sure = decisive(expected)
@@ -100,13 +105,16 @@ def test_cuda_engine_matches_the_cpu_engine(graphs, real_jpegs, device):
     np.testing.assert_array_equal(half.argmax(1)[sure], expected.argmax(1)[sure])
 
 
-def test_service_on_the_gpu_answers_like_the_cpu_engine(graphs, real_jpegs, device, tmp_path):
-    """``bentoml serve`` with ``VGG_REQUIRE_GPU=1`` serves the fp16 graph on CUDA; its labels
-    for real JPEGs are the CPU engine's (fp32)."""
-    cpu = Engine(dataclasses.replace(graphs, fp16_path=None), device="cpu", intra_op_threads=2)
+def test_service_on_the_gpu_answers_like_the_cpu_engine(checkpoint, graphs, real_jpegs, device, tmp_path):
+    """A model registered with fp32 + fp16 graphs; ``bentoml serve`` with ``VGG_REQUIRE_GPU=1``
+    serves the fp16 graph on CUDA; its labels for real JPEGs are the CPU engine's (fp32)."""
+    cpu = Engine(graphs, device="cpu", precision="fp32", intra_op_threads=2)
     expected = cpu.run(np.stack([to_graph_input(open_rgb(path), graphs.scale) for path in real_jpegs]))
-    env = env_with_repo(BENTOML_HOME=str(tmp_path / "bentoml"), VGG_MODEL=str(graphs.fp16_path),
-                        VGG_REQUIRE_GPU="1" if device.type == "cuda" else "0")
+    env = env_with_repo(BENTOML_HOME=str(tmp_path / "bentoml"), VGG_REQUIRE_GPU="1" if device.type == "cuda" else "0")
+    env.pop("VGG_MODEL", None)
+    exported = subprocess.run([sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--precision", "fp16"],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-2000:]
     port = free_port()
     log = tmp_path / "server.log"
     with running_server(bentoml_serve_command(port), port=port, env=env, log_path=log, timeout_s=300) as (url, _):
@@ -118,7 +126,8 @@ def test_service_on_the_gpu_answers_like_the_cpu_engine(graphs, real_jpegs, devi
     sure = decisive(expected)
     np.testing.assert_array_equal(labels[sure], expected.argmax(1)[sure])
     if device.type == "cuda":
-        assert "CUDAExecutionProvider" in log.read_text(errors="replace")
+        text = log.read_text(errors="replace")
+        assert "fp16 graph on CUDAExecutionProvider" in text, text[-3000:]
 
 
 def test_bf16_channels_last_training_steps_lower_the_loss(device):
