@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import vgg
-from export_helpers import peaky_model, write_checkpoint
+from tests.export_helpers import peaky_model, write_checkpoint
 from serving.engine import Engine, ModelFiles, resolve_model
 from bench.launch import bentoml_serve_command, free_port, running_server
-from training_helpers import write_folder
+from tests.training_helpers import write_folder
 from vgg.preprocessing import open_rgb, to_graph_input
 
 pytestmark = pytest.mark.gpu
