@@ -157,7 +157,10 @@ def step_serve_speed(ctx: Context) -> StepResult:
     load = ["--concurrency", "1", "4", "--requests", "8", "--time-limit", "30"] if ctx.dry_run else \
         ["--concurrency", "1", "32", "128", "--requests", "384", "--time-limit", "20"]
     images = ["--images", str(ctx.data / "imagenette" / "train")] if ctx.data else []
-    command = python("bench/serve.py", "--model", str(graph), *images, *load, "--json", str(figures))
+    logs = ctx.out / "serve-logs"
+    logs.mkdir(exist_ok=True)
+    command = python("bench/serve.py", "--model", str(graph), *images, *load, "--json", str(figures),
+                     "--log-dir", str(logs))
     env = ctx.env(VGG_REQUIRE_GPU="0" if ctx.dry_run else "1")
     return run(ctx, "serve-speed", "Speed: the service over HTTP with real JPEGs vs the raw engine and a naive server",
                command, timeout=900, figures_file=figures, env=env)
@@ -207,9 +210,9 @@ def write_report(ctx: Context) -> Path:
     report.write_text("\n".join(header + [""] + [section(r) for r in results]))
     (ctx.out / "gpu_check.json").write_text(json.dumps(
         {"dry_run": ctx.dry_run, "steps": [vars(r) for r in results], "not_run": missing}, indent=2) + "\n")
-    if os.environ.get("OUT"):  # a device machine's result folder: the report travels back
-        for name in ("gpu_check.md", "gpu_check.json"):
-            shutil.copy(ctx.out / name, Path(os.environ["OUT"]) / name)
+    if os.environ.get("OUT"):  # a device machine's result folder: the report and logs travel back
+        for path in [ctx.out / "gpu_check.md", ctx.out / "gpu_check.json", *sorted(ctx.out.glob("serve-logs/*.log"))]:
+            shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     return report
 
 

@@ -23,6 +23,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,7 @@ class Result:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    mean_batch: float | None = None  # the service's images per ONNX Runtime call
 
     @property
     def throughput(self) -> float:
@@ -120,11 +122,12 @@ async def http_load(url: str, payloads: list[bytes], *, concurrency: int, reques
     latencies: list[float] = []
     errors = 0
     issued = 0
-    deadline = time.perf_counter() + time_limit
+    limit = requests
+    deadline = 0.0
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal issued, errors
-        while issued < requests and time.perf_counter() < deadline:
+        while issued < limit and time.perf_counter() < deadline:
             index = issued
             issued += 1
             started = time.perf_counter()
@@ -140,13 +143,28 @@ async def http_load(url: str, payloads: list[bytes], *, concurrency: int, reques
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=max(time_limit, 60.0), limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(min(concurrency, 4))))  # warm the connections
+        # Open the connections: one request each, not counted, outside the time limit.
+        limit, deadline = concurrency, time.perf_counter() + max(time_limit, 60.0)
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         latencies.clear()
-        errors, issued = 0, 0
+        errors, issued, limit = 0, 0, requests
         started = time.perf_counter()
+        deadline = started + time_limit
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         seconds = time.perf_counter() - started
     return Result("", concurrency, len(latencies), errors, seconds, latencies)
+
+
+def inference_batches(url: str) -> tuple[float, float]:
+    """(images, ONNX Runtime calls) so far, from the service's ``vgg_inference_batch_size`` histogram."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    totals = {}
+    for suffix in ("sum", "count"):
+        values = re.findall(rf"^vgg_inference_batch_size_{suffix}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
+        totals[suffix] = sum(float(value) for value in values)
+    return totals["sum"], totals["count"]
 
 
 def bench_http(name: str, url: str, payloads: list[bytes], args: argparse.Namespace) -> list[Result]:
@@ -154,9 +172,13 @@ def bench_http(name: str, url: str, payloads: list[bytes], args: argparse.Namesp
     for concurrency in args.concurrency:
         warm = min(len(payloads), 2 * concurrency)
         asyncio.run(http_load(url, payloads, concurrency=concurrency, requests=warm, time_limit=args.time_limit))
+        before = inference_batches(url) if name == "service" else None
         result = asyncio.run(
             http_load(url, payloads, concurrency=concurrency, requests=args.requests, time_limit=args.time_limit)
         )
+        if before is not None:
+            images, calls = (after - earlier for after, earlier in zip(inference_batches(url), before))
+            result.mean_batch = images / calls if calls else float("nan")
         result.target = name
         results.append(result)
         print_row(result)
@@ -197,7 +219,8 @@ def bench_engine(files: ModelFiles, payloads: list[bytes], args: argparse.Namesp
 
 def print_row(result: Result) -> None:
     print(f"{result.target:8s} {result.concurrency:4d} {result.completed:6d} {result.errors:6d} "
-          f"{result.throughput:10.1f} {result.percentile(50):9.1f} {result.percentile(99):9.1f}", flush=True)
+          f"{result.throughput:10.1f} {result.percentile(50):9.1f} {result.percentile(99):9.1f}"
+          + (f"  (mean batch {result.mean_batch:.1f})" if result.mean_batch is not None else ""), flush=True)
 
 
 def print_targets(results: list[Result], *, high: int, low: int) -> None:
@@ -224,6 +247,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most")
     parser.add_argument("--json", type=Path, default=None, help="also write every row to this JSON file")
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep the servers' logs here (default: discarded)")
     parser.add_argument("--targets", nargs="+", choices=("service", "naive", "engine"),
                         default=["service", "naive", "engine"])
     return parser.parse_args(argv)
@@ -259,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in args.targets:
                 continue
             port = free_port()
-            log = Path(workdir) / f"{name}.log"
+            log = (args.log_dir or Path(workdir)) / f"{name}.log"
             with running_server(servers[name](port), port=port, env=env, log_path=log, timeout_s=600) as (url, _):
                 results += bench_http(name, url, payloads, args)
         print_targets(results, high=max(args.concurrency), low=min(args.concurrency))
@@ -272,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 def row_dict(result: Result) -> dict:
     return {"target": result.target, "concurrency": result.concurrency, "completed": result.completed,
             "errors": result.errors, "images_per_s": round(result.throughput, 2),
-            "p50_ms": round(result.percentile(50), 2), "p99_ms": round(result.percentile(99), 2)}
+            "p50_ms": round(result.percentile(50), 2), "p99_ms": round(result.percentile(99), 2),
+            "mean_batch": None if result.mean_batch is None else round(result.mean_batch, 2)}
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def device() -> torch.device:
 def real_jpegs() -> list[Path]:
     """Real photos: Imagenette (a few per class) and the non-square photos, when present."""
     shared = REPO_ROOT.parent / "shared" / "data"
-    gpu_subset = REPO_ROOT / ".gpu" / "data"  # what bench/gpu_pack.sh ships to a GPU machine
+    gpu_subset = REPO_ROOT / ".gpu" / "send-1" / "data"  # what bench/gpu_pack.sh ships to a GPU machine
     roots = [root for root in (gpu_subset, shared) if root.is_dir()]
     if not roots:
         pytest.skip(f"no real images at {shared} or {gpu_subset}")

@@ -284,6 +284,8 @@ def setup_runtime(device_name: str) -> Runtime:
             )
         device = torch.device("cuda", local_rank)
     if device.type == "cuda":
+        if device.index is None:  # plain "cuda": the current device, by its index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     if launched and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
