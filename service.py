@@ -158,7 +158,7 @@ class VGGClassifier:
         model, before ``/readyz`` answers 200."""
         sizes = warm_up_sizes(self.settings.max_batch_size)
         await asyncio.to_thread(self.engine.warm_up, sizes)
-        blank = np.zeros((self.engine.scale, self.engine.scale, 3), dtype=np.uint8)
+        blank = np.zeros((self.engine.test_scale, self.engine.test_scale, 3), dtype=np.uint8)
         for _ in range(12):  # the dispatcher profiles its first calls one request at a time
             await self._submit(blank)
         for size in sizes:
@@ -194,7 +194,7 @@ class VGGClassifier:
         """Decode one upload in a worker thread; in a batch, errors name the image's position."""
         try:
             return await asyncio.to_thread(
-                preprocess_upload, path, scale=self.engine.scale, max_pixels=self.settings.max_pixels
+                preprocess_upload, path, test_scale=self.engine.test_scale, max_pixels=self.settings.max_pixels
             )
         except ApiError as error:
             if position is None:

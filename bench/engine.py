@@ -110,8 +110,8 @@ def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_graph(model, *, crop: int, scale: int, half: bool, path: Path) -> Path:
-    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=crop, scale=scale,
+def export_graph(model, *, crop: int, test_scale: int, half: bool, path: Path) -> Path:
+    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=crop, test_scale=test_scale,
                            tta="five", half=half)
     with contextlib.redirect_stdout(io.StringIO()):
         proto = to_onnx(graph)
@@ -122,7 +122,7 @@ def bench_cuda(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_
     """ORT CUDA fp32/fp16 with IO binding vs PyTorch eager on the GPU."""
     device = torch.device("cuda")
     print("\n== CUDA:", torch.cuda.get_device_name(0))
-    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=args.crop, scale=args.scale,
+    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=args.crop, test_scale=args.test_scale,
                            tta="five").to(device).eval()
     on_device = torch.from_numpy(images).to(device)
 
@@ -158,7 +158,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg", default="D", choices=vgg.CONFIG_NAMES)
     parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--scale", type=int, default=None, help="Q (default: 256 for 224)")
+    parser.add_argument("--test-scale", type=int, default=None, metavar="Q", help="test scale Q (default: 256 for 224)")
     parser.add_argument("--batch", type=int, default=8, help="images per run (x5 crops)")
     parser.add_argument("--iters", type=int, default=3, help="timed runs per engine")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--no-cuda", action="store_true")
     args = parser.parse_args(argv)
-    args.scale = args.scale or default_test_scale(args.crop)
+    args.test_scale = args.test_scale or default_test_scale(args.crop)
     return args
 
 
@@ -178,15 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     macs_per_crop = MACS_PER_CROP.get(args.cfg) if args.crop == 224 else None
     macs_per_crop = macs_per_crop or count_macs(model, args.crop)
     macs_per_image = macs_per_crop * CROPS_PER_IMAGE
-    images = random_images(max(args.batch * 2, args.calibration), scale=args.scale, seed=1)
+    images = random_images(max(args.batch * 2, args.calibration), test_scale=args.test_scale, seed=1)
     fp32_peak, int8_peak, how = cpu_peak_gflops(args.threads)
-    print(f"VGG-{args.cfg}, FiveCrop {args.crop} from {args.scale}x{args.scale}: {macs_per_crop / 1e9:.2f} GMAC/crop, "
+    print(f"VGG-{args.cfg}, FiveCrop {args.crop} from {args.test_scale}x{args.test_scale}: {macs_per_crop / 1e9:.2f} GMAC/crop, "
           f"batch {args.batch}, {args.iters} timed runs, {args.threads} threads, {platform.processor() or platform.machine()}")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}; CPU peak estimate: {fp32_peak:.0f} GFLOP/s fp32, "
           f"{int8_peak:.0f} GOP/s int8 = {how}")
 
     with tempfile.TemporaryDirectory(prefix="vgg-bench-") as scratch:
-        paths = {"fp32": export_graph(model, crop=args.crop, scale=args.scale, half=False,
+        paths = {"fp32": export_graph(model, crop=args.crop, test_scale=args.test_scale, half=False,
                                       path=Path(scratch) / "model.onnx")}
         if not args.no_int8:
             from export.quantize import quantize_int8
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda b: reference_probs(model, b, mean=mean, std=std, crop=args.crop, tta="five"),
                 images, batch=args.batch, iters=args.iters),
         }
-        eager = InferenceGraph(model, mean=mean, std=std, crop=args.crop, scale=args.scale, tta="five").eval()
+        eager = InferenceGraph(model, mean=mean, std=std, crop=args.crop, test_scale=args.test_scale, tta="five").eval()
 
         def eager_run(batch):
             with torch.inference_mode():
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(target >= 2.5 with AVX512-VNNI)")
         cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
         if cuda and not args.no_cuda:
-            paths["fp16"] = export_graph(model, crop=args.crop, scale=args.scale, half=True,
+            paths["fp16"] = export_graph(model, crop=args.crop, test_scale=args.test_scale, half=True,
                                          path=Path(scratch) / "model.fp16.onnx")
             bench_cuda(model, paths, images, args=args, macs_per_image=macs_per_image)
         else:

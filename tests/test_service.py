@@ -173,7 +173,7 @@ def test_model_endpoint_says_what_is_served(server, exported) -> None:
 
 def test_real_images_equal_direct_onnx_runtime(server, exported, imagenette_train) -> None:
     files = sorted(imagenette_train.rglob("*.JPEG"))[::997][:8]
-    expected = exported["session"].run(None, {"images": load_graph_inputs(files, scale=exported["scale"])})[0]
+    expected = exported["session"].run(None, {"images": load_graph_inputs(files, test_scale=exported["scale"])})[0]
     for path, probs in zip(files, expected):
         response = classify(server, path.read_bytes(), name=path.name)
         assert response.status_code == 200, response.text
@@ -504,10 +504,10 @@ def test_server_is_healthy_after_everything(server, exported) -> None:
 def test_engine_from_onnx_path_reads_metadata(exported) -> None:
     files = resolve_model(str(exported["onnx"]))
     assert files.labels == CLASSES
-    assert files.scale == exported["scale"]
+    assert files.test_scale == exported["scale"]
     engine = Engine(files, device="cpu", intra_op_threads=1)
     assert engine.provider == "CPUExecutionProvider"
-    batch = np.random.default_rng(0).integers(0, 256, (3, files.scale, files.scale, 3), dtype=np.uint8)
+    batch = np.random.default_rng(0).integers(0, 256, (3, files.test_scale, files.test_scale, 3), dtype=np.uint8)
     expected = exported["session"].run(None, {"images": batch})[0]
     np.testing.assert_allclose(engine.run(batch), expected, rtol=0, atol=1e-6)
     with pytest.raises(EngineError, match="expected uint8"):
