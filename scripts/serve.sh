@@ -18,5 +18,6 @@ if [[ -z "${VGG_MODEL:-}" ]] && ! "$PY" -m vgg.store --check >/dev/null 2>&1; th
     exit 2
   fi
 fi
-echo "Serving on http://localhost:${PORT:-3000} (docs at /, POST /classify); Ctrl+C stops it."
+echo "Serving on http://localhost:${PORT:-3000}: try it in a browser at http://localhost:${PORT:-3000}/ui" \
+     "(API docs at /, POST /classify); Ctrl+C stops it."
 exec .venv/bin/bentoml serve . --host "${HOST:-0.0.0.0}" --port "${PORT:-3000}"
