@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.serve import tiny_model  # noqa: E402
 from serving.engine import EngineError, resolve_model  # noqa: E402
-from serving.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
+from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
 
 PHOTOS = REPO_ROOT.parent / "shared" / "data" / "photos"
 BROWSER_CONNECTIONS = 6

@@ -30,8 +30,8 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from export_helpers import peaky_model, write_checkpoint
-from serving.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
+from tests.export_helpers import peaky_model, write_checkpoint
+from bench.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
 from serving.page import PAGE_PATH, PageMiddleware, static_files
 
 STATIC = REPO_ROOT / "serving" / "static"
@@ -253,6 +253,9 @@ def test_page_in_chromium(server, browser, tmp_path) -> None:
     context = browser.new_context(viewport={"width": 1100, "height": 1000})
     context.set_default_timeout(WAIT_MS)  # a busy 2-core CI machine
     page = context.new_page()
+    # Intercepting file choosers is switched on by the first listener, asynchronously: switch it
+    # on now, long before the key press that opens one.
+    page.on("filechooser", lambda _chooser: None)
     requests: list[tuple[str, str]] = []
     page.on("request", lambda request: requests.append((request.method, request.url)))
     page_errors: list[str] = []
@@ -265,6 +268,11 @@ def test_page_in_chromium(server, browser, tmp_path) -> None:
     for value in (model["tag"], f"VGG-{model['cfg']}", str(model["num_classes"]), model["precision"],
                   f"Q = {model['test_scale']}", f"{100 * model['val_top1']:.1f} %"):
         assert value in shown, (value, shown)
+    sparse = page.evaluate("""modelRows({tag: 'vgg:x', cfg: null, batch_norm: null, num_classes: 3, labels: [],
+        test_scale: 40, crop: null, tta: 'five', precision: 'fp32', provider: 'CPUExecutionProvider',
+        val_top1: null, workers: 2})""")  # a model exported without all its metadata
+    assert not any(re.search(r"null|undefined|NaN", value) for _, value in sparse), sparse
+    assert ["Validation top-1", "not recorded"] in sparse and ["Device", "CPU, 2 workers"] in sparse
 
     # The picker is a labelled button that the keyboard opens.
     pick = page.get_by_role("button", name="Choose images…")

@@ -142,6 +142,8 @@ def test_bentoml_build_makes_a_bento_that_imports_without_torch(tmp_path) -> Non
     (bento,) = (tmp_path / "home" / "bentos" / "vgg").glob("*/")
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*.py")}
     assert {"service.py", "serving/engine.py", "vgg/preprocessing.py", "vgg/store.py"} <= sources
+    page_files = {p.name for p in (REPO_ROOT / "serving" / "static").iterdir()}
+    assert page_files and page_files == {p.name for p in (bento / "src" / "serving" / "static").iterdir()}
     assert not any(s.startswith("tests/") or s.startswith("training/") for s in sources)
     block_torch = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; import service; print(service.VGGClassifier)"
     imported = subprocess.run([sys.executable, "-c", block_torch], cwd=bento / "src", env=env,

@@ -34,24 +34,31 @@ function percent(score) {
 
 // ------------------------------------------------------------------ the model
 
+function known(value) {
+  return value !== undefined && value !== null;
+}
+
+function testTime(model) {
+  const resize = `shorter side resized to Q = ${model.test_scale}`;
+  if (!known(model.tta)) return resize;
+  const views = TTA_VIEWS[model.tta] && known(model.crop) ? TTA_VIEWS[model.tta](model.crop) : `${model.tta} views`;
+  return `${resize}; ${views}`;
+}
+
 function modelRows(model) {
   const rows = [["Model", model.tag]];
-  if (model.cfg !== undefined) {
+  if (known(model.cfg)) {
     rows.push(["Configuration", `VGG-${model.cfg}${model.batch_norm ? " with batch norm" : ""}`]);
   }
-  if (model.test_scale !== undefined) {
-    const views = TTA_VIEWS[model.tta] ? TTA_VIEWS[model.tta](model.crop) : `${model.tta} views`;
-    rows.push(["Test time", `shorter side resized to Q = ${model.test_scale}; ${views}`]);
-  }
-  if (model.precision !== undefined) rows.push(["Precision", model.precision]);
-  if (model.provider !== undefined) {
+  if (known(model.test_scale)) rows.push(["Test time", testTime(model)]);
+  if (known(model.precision)) rows.push(["Precision", model.precision]);
+  if (known(model.provider)) {
     const device = PROVIDER_NAMES[model.provider] || model.provider;
     const workers = model.workers > 1 ? `, ${model.workers} workers` : "";
     rows.push(["Device", `${device}${workers}`]);
   }
-  if (model.num_classes !== undefined) rows.push(["Classes", String(model.num_classes)]);
-  const top1 = typeof model.val_top1 === "number" ? percent(model.val_top1) : "not recorded";
-  rows.push(["Validation top-1", top1]);
+  if (known(model.num_classes)) rows.push(["Classes", String(model.num_classes)]);
+  rows.push(["Validation top-1", typeof model.val_top1 === "number" ? percent(model.val_top1) : "not recorded"]);
   return rows;
 }
 
