@@ -31,9 +31,9 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
 from bench.serve import tiny_model  # noqa: E402
 from serving.engine import EngineError, resolve_model  # noqa: E402
-from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
 
 PHOTOS = REPO_ROOT.parent / "shared" / "data" / "photos"
 BROWSER_CONNECTIONS = 6
@@ -65,7 +65,7 @@ async def measure(url: str, payloads: list[tuple[str, bytes]], rounds: int) -> d
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     limits = httpx.Limits(max_connections=BROWSER_CONNECTIONS)
     async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as client:
-        for name, way in ways.items():  # warm-up: connections, caches
+        for way in ways.values():  # warm-up: connections, caches
             for _ in range(2):
                 await way(client, payloads)
         for index in range(rounds):  # alternate which goes first: drift hits both alike
@@ -76,15 +76,21 @@ async def measure(url: str, payloads: list[tuple[str, bytes]], rounds: int) -> d
 
 
 def report(results: dict[str, list[tuple[float, float]]], count: int) -> None:
-    medians = {name: (statistics.median(r[0] for r in rows) * 1e3, statistics.median(r[1] for r in rows) * 1e3)
-               for name, rows in results.items()}
-    print(f"{'way':10s} {'first answer ms':>16s} {'all answers ms':>15s}   (medians of {len(results['batch'])} rounds,"
-          f" {count} images)")
+    medians = {
+        name: (statistics.median(r[0] for r in rows) * 1e3, statistics.median(r[1] for r in rows) * 1e3)
+        for name, rows in results.items()
+    }
+    print(
+        f"{'way':10s} {'first answer ms':>16s} {'all answers ms':>15s}   (medians of {len(results['batch'])} rounds,"
+        f" {count} images)"
+    )
     for name, (first, last) in medians.items():
         print(f"{name:10s} {first:16.1f} {last:15.1f}")
     ratio = medians["per-image"][1] / medians["batch"][1]
-    print(f"per-image / batch, time to all answers: {ratio:.2f}; "
-          f"time to the first answer: {medians['per-image'][0] / medians['batch'][0]:.2f}")
+    print(
+        f"per-image / batch, time to all answers: {ratio:.2f}; "
+        f"time to the first answer: {medians['per-image'][0] / medians['batch'][0]:.2f}"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -113,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         env = {**os.environ, "VGG_MODEL": str(model.onnx_path), "PYTHONPATH": str(REPO_ROOT)}
-        print(f"model {model.tag} ({model.scale}x{model.scale}); {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"model {model.tag} ({model.scale}x{model.scale}); {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs"
+        )
         port = free_port()
         log = Path(workdir) / "server.log"
         with running_server(bentoml_serve_command(port), port=port, env=env, log_path=log, timeout_s=600) as (url, _):

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from starlette.responses import Response
 
@@ -23,8 +24,11 @@ logger = logging.getLogger(__name__)
 
 PAGE_PATH = "/ui"
 PAGE_FILE = "index.html"
-MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
-               ".js": "text/javascript; charset=utf-8"}
+MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+}
 # Everything from this server only; images shown from the user's own files (blob:).
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -46,8 +50,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 def static_files() -> dict[str, bytes]:
     """``name -> content`` of every file the page is made of, read from the package."""
     folder = resources.files("serving") / "static"
-    return {entry.name: entry.read_bytes() for entry in folder.iterdir()
-            if entry.is_file() and "." + entry.name.rsplit(".", 1)[-1] in MEDIA_TYPES}
+    return {
+        entry.name: entry.read_bytes()
+        for entry in folder.iterdir()
+        if entry.is_file() and "." + entry.name.rsplit(".", 1)[-1] in MEDIA_TYPES
+    }
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -74,11 +81,12 @@ class PageMiddleware:
     def respond(self, scope: Scope) -> Response:
         path = scope["path"]
         if scope["method"] not in ("GET", "HEAD"):
-            return json_error(405, f"{scope['method']} not allowed on {path}: the page only answers GET",
-                              {"allow": "GET, HEAD"})
+            return json_error(
+                405, f"{scope['method']} not allowed on {path}: the page only answers GET", {"allow": "GET, HEAD"}
+            )
         if path == PAGE_PATH + "/":  # relative links resolve against /ui, not /ui/
             return Response(status_code=308, headers={"location": scope.get("root_path", "") + PAGE_PATH})
-        name = PAGE_FILE if path == PAGE_PATH else path[len(PAGE_PATH) + 1:]
+        name = PAGE_FILE if path == PAGE_PATH else path[len(PAGE_PATH) + 1 :]
         content = self.files.get(name)
         if content is None:
             return json_error(404, f"no such file: {path}")

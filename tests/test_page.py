@@ -4,9 +4,10 @@ its own) against a real ``bentoml serve``.
 
 The browser test uploads two real photos and one text file renamed ``.jpg`` with the page's
 keyboard-operated picker, checks that every rendered label and percentage equals what
-``POST /classify`` answers for the same bytes (the page itself sends ``/classify_batch``), that the text file's card shows the server's
-error, that the page then still takes images (dropped this time), that it fits a phone-wide
-screen, and that every request it made went to the server it came from. The screenshot is
+``POST /classify`` answers for the same bytes (the page itself sends ``/classify_batch``), that
+the text file's card shows the server's error, that the page then still takes images (dropped
+this time, and split when over the body limit together), that it fits a phone-wide screen, and
+that every request it made went to the server it came from. The screenshot is
 written to ``tests/artifacts/page.png`` (not in git).
 """
 
@@ -30,16 +31,26 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from tests.export_helpers import peaky_model, write_checkpoint
 from bench.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
 from serving.page import PAGE_PATH, PageMiddleware, static_files
+from tests.export_helpers import peaky_model, write_checkpoint
 
 STATIC = REPO_ROOT / "serving" / "static"
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
 PHOTOS = REPO_ROOT.parent / "shared" / "data" / "photos"
 # Labels a page must show as text, never as markup (a rendered <img> would also be a request).
-CLASSES = ['tench <img src="http://192.0.2.1/x.png">', "English springer", "cassette player", "chain saw",
-           "church", "French horn", "garbage truck", "gas & <b>pump</b>", "golf ball", "parachute"]
+CLASSES = [
+    'tench <img src="http://192.0.2.1/x.png">',
+    "English springer",
+    "cassette player",
+    "chain saw",
+    "church",
+    "French horn",
+    "garbage truck",
+    "gas & <b>pump</b>",
+    "golf ball",
+    "parachute",
+]
 WAIT_MS = 120_000  # for any one step of the browser test
 MAX_BODY_BYTES = 350_000  # the server's limit: over two of the photos together, not over one
 
@@ -108,8 +119,11 @@ def test_trailing_slash_goes_to_the_page(client) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "status", "words"),
-    [("GET", "/ui/absent.js", 404, "no such file"), ("GET", "/ui/static/page.js", 404, "no such file"),
-     ("POST", "/ui", 405, "only answers GET")],
+    [
+        ("GET", "/ui/absent.js", 404, "no such file"),
+        ("GET", "/ui/static/page.js", 404, "no such file"),
+        ("POST", "/ui", 405, "only answers GET"),
+    ],
 )
 def test_bad_page_requests_get_json_errors(client, method, path, status, words) -> None:
     response = client.request(method, path)
@@ -169,8 +183,12 @@ def find_chromium() -> str:
 def server(tmp_path_factory) -> dict:
     """A 10-class VGG-A exported into a fresh BentoML home and served by ``bentoml serve``."""
     root = tmp_path_factory.mktemp("page")
-    env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "True",
-           "PYTHONPATH": str(REPO_ROOT)}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(root / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
     checkpoint = write_checkpoint(root / "best.pt", peaky_model(num_classes=len(CLASSES)), classes=CLASSES)
     command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--tta", "center"]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -197,26 +215,30 @@ def browser():
 
 def rendered_cards(page) -> list[dict]:
     """What each card shows: file name, status line, and its (label, percentage) rows."""
-    return page.eval_on_selector_all("#results > li", """cards => cards.map(card => ({
+    return page.eval_on_selector_all(
+        "#results > li",
+        """cards => cards.map(card => ({
         name: card.querySelector('.name').textContent,
         status: card.querySelector('.status').textContent,
         failed: card.classList.contains('failed'),
         rows: [...card.querySelectorAll('.top li')].map(row => [
             row.querySelector('.label').textContent, row.querySelector('.pct').textContent]),
-    }))""")
+    }))""",
+    )
 
 
 def assert_card_shows(card: dict, answer: dict) -> None:
     assert not card["failed"], card
     assert [label for label, _ in card["rows"]] == [entry["label"] for entry in answer["top"]]
-    for (_, shown), entry in zip(card["rows"], answer["top"]):
+    for (_, shown), entry in zip(card["rows"], answer["top"], strict=True):
         value = float(shown.removesuffix(" %"))
         assert abs(value - 100 * entry["score"]) <= 0.05 + 1e-9, (shown, entry)
 
 
 def wait_until_settled(page, count: int) -> None:
     page.wait_for_function(
-        "n => document.querySelectorAll('#results > li[aria-busy=\"false\"]').length === n", arg=count,
+        "n => document.querySelectorAll('#results > li[aria-busy=\"false\"]').length === n",
+        arg=count,
         timeout=WAIT_MS,
     )
 
@@ -265,8 +287,14 @@ def test_page_in_chromium(server, browser, tmp_path) -> None:
     info = page.locator("#model-info")
     info.wait_for(state="visible", timeout=WAIT_MS)
     shown = info.inner_text()
-    for value in (model["tag"], f"VGG-{model['cfg']}", str(model["num_classes"]), model["precision"],
-                  f"Q = {model['test_scale']}", f"{100 * model['val_top1']:.1f} %"):
+    for value in (
+        model["tag"],
+        f"VGG-{model['cfg']}",
+        str(model["num_classes"]),
+        model["precision"],
+        f"Q = {model['test_scale']}",
+        f"{100 * model['val_top1']:.1f} %",
+    ):
         assert value in shown, (value, shown)
     sparse = page.evaluate("""modelRows({tag: 'vgg:x', cfg: null, batch_norm: null, num_classes: 3, labels: [],
         test_scale: 40, crop: null, tta: 'five', precision: 'fp32', provider: 'CPUExecutionProvider',
@@ -309,7 +337,7 @@ def test_page_in_chromium(server, browser, tmp_path) -> None:
     wait_until_settled(page, 5)
     cards = rendered_cards(page)
     assert [card["name"] for card in cards[3:]] == [p.name for p in dropped]
-    for card, path in zip(cards[3:], dropped):
+    for card, path in zip(cards[3:], dropped, strict=True):
         assert_card_shows(card, http.post("/classify", files={"image": (path.name, path.read_bytes())}).json())
 
     # A phone-wide screen: nothing wider than it, the picker on screen.
@@ -320,15 +348,22 @@ def test_page_in_chromium(server, browser, tmp_path) -> None:
     page.screenshot(path=str(ARTIFACTS / "page-narrow.png"), full_page=True)
 
     origin = server["url"]
-    outside = [(method, url) for method, url in requests
-               if not (url.startswith(origin + "/") or url.startswith(f"blob:{origin}/") or url.startswith("data:"))]
+    outside = [
+        (method, url)
+        for method, url in requests
+        if not (url.startswith(origin + "/") or url.startswith(f"blob:{origin}/") or url.startswith("data:"))
+    ]
     assert not outside, f"requests left the server: {outside}"
     posts = [urlsplit(url).path for method, url in requests if method == "POST"]
     # Three images in one batch, sent again without the text file once the server named it;
     # the two dropped ones together (413), then apart.
     assert posts == ["/classify_batch"] * 5
-    assert {(m, urlsplit(u).path) for m, u in requests} >= {("GET", "/ui"), ("GET", "/ui/page.js"),
-                                                             ("GET", "/ui/page.css"), ("GET", "/model")}
+    assert {(m, urlsplit(u).path) for m, u in requests} >= {
+        ("GET", "/ui"),
+        ("GET", "/ui/page.js"),
+        ("GET", "/ui/page.css"),
+        ("GET", "/model"),
+    }
     assert not page_errors, page_errors
 
     page.get_by_role("button", name="Clear results").click()
