@@ -156,13 +156,21 @@ def test_the_page_refers_to_nothing_outside_its_server() -> None:
         assert not re.search(r"https?:|//[\w.-]+\.[a-z]|@import|url\(", text), f"{name} refers outside"
 
 
-def test_the_page_files_ship_with_the_package_and_the_bento() -> None:
+def test_the_page_files_ship_with_the_package_the_bento_and_the_image() -> None:
     shipped = set(static_files())
     assert shipped == {p.name for p in STATIC.iterdir()} == {"index.html", "page.js", "page.css"}
+    paths = [Path("serving/static", name) for name in shipped]
+
+    def covered(patterns: list[str], path: Path) -> bool:
+        return any(path.match(p) or p.endswith("/") and path.as_posix().startswith(p) for p in patterns)
+
     package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert all(any(Path("static", name).match(glob) for glob in package_data["serving"]) for name in shipped)
-    include = yaml.safe_load((REPO_ROOT / "bentofile.yaml").read_text())["include"]
-    assert all(any(Path("serving/static", name).match(glob) for glob in include) for name in shipped)
+    assert all(covered([f"serving/{glob}" for glob in package_data["serving"]], path) for path in paths)
+    assert all(covered(yaml.safe_load((REPO_ROOT / "bentofile.yaml").read_text())["include"], path) for path in paths)
+    copies = re.findall(r"^COPY --chown=\S+ (.+) \S+$", (REPO_ROOT / "Dockerfile").read_text(), flags=re.MULTILINE)
+    assert all(covered([source for line in copies for source in line.split()], path) for path in paths)
+    allowed = [line[1:] for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert all(covered(allowed, path) for path in paths)
 
 
 # ---------------------------------------------------------------- in a real browser
