@@ -41,8 +41,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin vgg
 WORKDIR /app
 COPY --chown=vgg:vgg service.py bentofile.yaml ./
 COPY --chown=vgg:vgg serving/ serving/
-COPY --chown=vgg:vgg vgg/ vgg/
-COPY --chown=vgg:vgg export/__init__.py export/registry.py export/
+COPY --chown=vgg:vgg vgg/__init__.py vgg/errors.py vgg/preprocessing.py vgg/store.py vgg/
 
 USER 10001
 # Baked-in model (optional): any vgg.bentomodel in the build context is imported into the

@@ -7,6 +7,7 @@ or the tag / ``.onnx`` path in ``$VGG_MODEL``:
 - ``POST /classify_batch``: several images (multipart field ``images``, repeated), optional ``top_k``.
 - ``GET /model``: what is served (tag, architecture, labels, test scale, crop, TTA, precision,
   ONNX Runtime provider, validation top-1, workers), as JSON.
+- ``GET /ui``: a page to try the model in a browser (``serving/page.py``, ``serving/static/``).
 - ``GET /livez``, ``/readyz`` (ready once every worker is warmed up), ``/metrics`` (Prometheus),
   ``/`` (OpenAPI docs).
 
@@ -44,6 +45,7 @@ from serving.engine import Engine, EngineError, check_model, load_engine, warm_u
 from serving.guard import RequestGuard
 from serving.images import ApiError, preprocess_upload
 from serving.metrics import inference_metrics
+from serving.page import PageMiddleware, page_url
 from serving.settings import Settings, SettingsError
 from serving.workers import WarmBoard, configured_workers, cpu_threads, gpu_for_worker, visible_gpus, worker_index
 from vgg.errors import one_line
@@ -51,6 +53,7 @@ from vgg.errors import one_line
 logger = logging.getLogger("bentoml.vgg")
 
 DEFAULT_TOP_K = 5
+SERVICE_NAME = "vgg"
 
 
 class Prediction(BaseModel):
@@ -109,7 +112,7 @@ async def model_info(_: Request) -> JSONResponse:
 info_app = Starlette(routes=[Route("/model", model_info, methods=["GET"])])
 
 
-@bentoml.service(name="vgg", workers=configured_workers(), traffic={"timeout": 120})
+@bentoml.service(name=SERVICE_NAME, workers=configured_workers(), traffic={"timeout": 120})
 @bentoml.asgi_app(info_app, path="/")
 class VGGClassifier:
     """VGG (Simonyan & Zisserman, 2014) image classifier over ONNX Runtime."""
@@ -158,7 +161,7 @@ class VGGClassifier:
         model, before ``/readyz`` answers 200."""
         sizes = warm_up_sizes(self.settings.max_batch_size)
         await asyncio.to_thread(self.engine.warm_up, sizes)
-        blank = np.zeros((self.engine.scale, self.engine.scale, 3), dtype=np.uint8)
+        blank = np.zeros((self.engine.test_scale, self.engine.test_scale, 3), dtype=np.uint8)
         for _ in range(12):  # the dispatcher profiles its first calls one request at a time
             await self._submit(blank)
         for size in sizes:
@@ -167,6 +170,8 @@ class VGGClassifier:
         self._ready = True
         self._warm.mark_warm(self.worker)
         logger.info("worker %d warmed up on batch sizes %s", self.worker, sizes)
+        if self._warm.all_warm():
+            logger.info("ready: try it in a browser at %s", page_url(SERVICE_NAME))
 
     @bentoml.on_shutdown
     def release(self) -> None:
@@ -194,7 +199,7 @@ class VGGClassifier:
         """Decode one upload in a worker thread; in a batch, errors name the image's position."""
         try:
             return await asyncio.to_thread(
-                preprocess_upload, path, scale=self.engine.scale, max_pixels=self.settings.max_pixels
+                preprocess_upload, path, test_scale=self.engine.test_scale, max_pixels=self.settings.max_pixels
             )
         except ApiError as error:
             if position is None:
@@ -235,4 +240,5 @@ class VGGClassifier:
             return error_response(error)  # type: ignore[return-value]
 
 
+VGGClassifier.add_asgi_middleware(PageMiddleware)
 VGGClassifier.add_asgi_middleware(RequestGuard, paths={"/classify": "image", "/classify_batch": "images"})

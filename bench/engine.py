@@ -111,13 +111,13 @@ def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_graph(model, *, crop: int, scale: int, half: bool, path: Path) -> Path:
-    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=crop, scale=scale,
+def export_graph(model, *, crop: int, test_scale: int, half: bool, path: Path) -> Path:
+    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=crop, test_scale=test_scale,
                            tta="five", half=half)
     with contextlib.redirect_stdout(io.StringIO()):
         proto = to_onnx(graph)
     # Enough metadata for the service to serve the file (bench/serve.py --model PATH).
-    set_metadata(proto, {"scale": scale, "crop": crop, "tta": "five", "precision": "fp16" if half else "fp32"})
+    set_metadata(proto, {"test_scale": test_scale, "crop": crop, "tta": "five", "precision": "fp16" if half else "fp32"})
     return save_onnx(proto, path, full_check=False)
 
 
@@ -146,7 +146,7 @@ def bench_cuda(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_
     on_device = torch.from_numpy(images).to(device)
     results = {}
     for precision, half in (("fp32", False), ("fp16", True)):
-        graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=args.crop, scale=args.scale,
+        graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=args.crop, test_scale=args.test_scale,
                                tta="five", half=half).to(device).eval()
 
         def torch_run(batch, graph=graph):
@@ -186,7 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg", default="D", choices=vgg.CONFIG_NAMES)
     parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--scale", type=int, default=None, help="Q (default: 256 for 224)")
+    parser.add_argument("--test-scale", type=int, default=None, metavar="Q", help="test scale Q (default: 256 for 224)")
     parser.add_argument("--batch", type=int, default=8, help="images per run (x5 crops)")
     parser.add_argument("--iters", type=int, default=3, help="timed runs per engine")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores, cgroup-aware)")
@@ -199,7 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     args.threads = args.threads or physical_cores()
-    args.scale = args.scale or default_test_scale(args.crop)
+    args.test_scale = args.test_scale or default_test_scale(args.crop)
     return args
 
 
@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     macs_per_crop = MACS_PER_CROP.get(args.cfg) if args.crop == 224 else None
     macs_per_crop = macs_per_crop or count_macs(model, args.crop)
     macs_per_image = macs_per_crop * CROPS_PER_IMAGE
-    images = random_images(max(args.batch * 2, args.calibration), scale=args.scale, seed=1)
+    images = random_images(max(args.batch * 2, args.calibration), test_scale=args.test_scale, seed=1)
     fp32_peak, int8_peak, how = cpu_peak_gflops(args.threads)
-    print(f"VGG-{args.cfg}, FiveCrop {args.crop} from {args.scale}x{args.scale}: {macs_per_crop / 1e9:.2f} GMAC/crop, "
+    print(f"VGG-{args.cfg}, FiveCrop {args.crop} from {args.test_scale}x{args.test_scale}: {macs_per_crop / 1e9:.2f} GMAC/crop, "
           f"batch {args.batch}, {args.iters} timed runs, {args.threads} threads, {platform.processor() or platform.machine()}")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}; CPU peak estimate: {fp32_peak:.0f} GFLOP/s fp32, "
           f"{int8_peak:.0f} GOP/s int8 = {how}")
@@ -221,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vgg-bench-") as scratch:
         folder = args.save_dir or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
-        paths = {"fp32": export_graph(model, crop=args.crop, scale=args.scale, half=False, path=folder / "model.onnx")}
+        paths = {"fp32": export_graph(model, crop=args.crop, test_scale=args.test_scale, half=False, path=folder / "model.onnx")}
         results = {} if args.no_cpu else bench_cpu(model, paths, images, args=args, macs_per_image=macs_per_image,
                                                     peaks=(fp32_peak, int8_peak))
         cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
         if args.save_dir or (cuda and not args.no_cuda):
-            paths["fp16"] = export_graph(model, crop=args.crop, scale=args.scale, half=True,
+            paths["fp16"] = export_graph(model, crop=args.crop, test_scale=args.test_scale, half=True,
                                          path=folder / "model.fp16.onnx")
         if cuda and not args.no_cuda:
             results |= bench_cuda(model, paths, images, args=args, macs_per_image=macs_per_image)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\nno CUDA GPU (or no CUDA provider): GPU path skipped")
     if args.json:
         args.json.write_text(json.dumps({
-            "cfg": args.cfg, "crop": args.crop, "test_scale": args.scale, "batch": args.batch, "iters": args.iters,
+            "cfg": args.cfg, "crop": args.crop, "test_scale": args.test_scale, "batch": args.batch, "iters": args.iters,
             "crops_per_image": CROPS_PER_IMAGE, "gmac_per_crop": macs_per_crop / 1e9, "threads": args.threads,
             "torch": torch.__version__, "onnxruntime": ort.__version__,
             "images_per_s": {name: round(rate, 2) for name, rate in results.items()},
@@ -256,7 +256,7 @@ def bench_cpu(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_p
             lambda b: reference_probs(model, b, mean=mean, std=std, crop=args.crop, tta="five"),
             images, batch=args.batch, iters=args.iters),
     }
-    eager = InferenceGraph(model, mean=mean, std=std, crop=args.crop, scale=args.scale, tta="five").eval()
+    eager = InferenceGraph(model, mean=mean, std=std, crop=args.crop, test_scale=args.test_scale, tta="five").eval()
 
     def eager_run(batch):
         with torch.inference_mode():

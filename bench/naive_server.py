@@ -42,7 +42,7 @@ def readyz() -> dict:
 def classify(image: UploadFile = File(...), top_k: int = Form(5)) -> dict:
     files = _state["files"]
     try:
-        pixels = to_graph_input(open_rgb(image.file.read()), files.scale)
+        pixels = to_graph_input(open_rgb(image.file.read()), files.test_scale)
     except ImageDecodeError as error:
         raise HTTPException(400, str(error)) from None
     probs = _state["session"].run(None, {"images": pixels[None]})[0][0]

@@ -195,9 +195,9 @@ def evaluate_checkpoint(path: str, val: list[Sample], *, test_scale: int, scale_
     model = model_from_checkpoint(checkpoint)
     pre = checkpoint["preprocess"]
     common = {"mean": pre["mean"], "std": pre["std"], "crop": pre["crop"]}
-    five, center = (InferenceGraph(model, scale=test_scale, tta=tta, **common).to(device) for tta in ("five", "center"))
+    five, center = (InferenceGraph(model, test_scale=test_scale, tta=tta, **common).to(device) for tta in ("five", "center"))
     scales = dense_scales(scale_range, pre["crop"])
-    dense = {q: InferenceGraph(model, scale=q, tta="dense", **common).to(device) for q in scales}
+    dense = {q: InferenceGraph(model, test_scale=q, tta="dense", **common).to(device) for q in scales}
     probs: dict[str, list[torch.Tensor]] = {name: [] for name in ("center", "five", "ten", "dense", "five_fp32")}
     for start in range(0, len(val), batch):
         images = [open_rgb(path) for path, _ in val[start : start + batch]]

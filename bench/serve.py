@@ -191,7 +191,7 @@ def bench_http(name: str, url: str, payloads: list[bytes], args: argparse.Namesp
 def bench_engine(files: ModelFiles, payloads: list[bytes], args: argparse.Namespace) -> list[Result]:
     engine = Engine(files)
     print(f"# engine on {engine.provider}", flush=True)
-    decode = lambda data: to_graph_input(open_rgb(data), files.scale)  # noqa: E731
+    decode = lambda data: to_graph_input(open_rgb(data), files.test_scale)  # noqa: E731
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.concurrency)) as pool:
         for concurrency in args.concurrency:
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         payloads = load_payloads(args.images, 64)
         env = {**os.environ, "VGG_MODEL": str(files.onnx_path), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        print(f"model {files.tag} ({files.onnx_path.name}, {files.scale}x{files.scale}), {len(payloads)} images; "
+        print(f"model {files.tag} ({files.onnx_path.name}, {files.test_scale}x{files.test_scale}), {len(payloads)} images; "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
         print(f"{'target':8s} {'c':>4s} {'done':>6s} {'errors':>6s} {'images/s':>10s} {'p50 ms':>9s} {'p99 ms':>9s}")
         results: list[Result] = []

@@ -2,7 +2,7 @@
 
 ``from export import export_checkpoint``; CLI: ``python -m export --checkpoint runs/D/best.pt``.
 See :mod:`export.core` for the steps and :mod:`export.graph` for what the graph computes.
-The names are loaded on first use, so ``python -m export.registry --check`` does not import torch.
+The names are loaded on first use, so importing :mod:`export` alone does not import torch.
 """
 
 from __future__ import annotations

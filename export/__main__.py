@@ -1,4 +1,4 @@
-"""``python -m export --checkpoint runs/D/best.pt [--tta five] [--precision fp32] [--scale Q] [--out PATH]``
+"""``python -m export --checkpoint runs/D/best.pt [--tta five] [--precision fp32] [--test-scale Q] [--out PATH]``
 
 Exit codes: 0 exported (and registered), 2 bad input or a failed check (one-line error).
 """
@@ -19,6 +19,7 @@ from export.core import (
     export_checkpoint,
 )
 from export.graph import TTA_MODES
+from export.onnx_io import show_exporter_logs
 from vgg.errors import OneLineArgumentParser
 
 
@@ -45,7 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tta", choices=TTA_MODES, default="five", help="test-time views (default: five)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (always built), plus fp16 (GPU) or int8 (CPU, QDQ) (default: fp32)")
-    parser.add_argument("--scale", type=int, default=None, help="test scale Q (default: the checkpoint's)")
+    parser.add_argument("--test-scale", type=int, default=None, metavar="Q",
+                        help="test scale Q: side of the square input image (default: the checkpoint's)")
+    # The flag's earlier name, still accepted.
+    parser.add_argument("--scale", dest="test_scale", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="also write the requested precision's .onnx here")
     parser.add_argument("--no-register", dest="register", action="store_false",
                         help="do not register in the BentoML store (needs --out)")
@@ -60,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"(default: {INT8_AGREEMENT_IMAGES})")
     parser.add_argument("--min-agreement", type=float, default=INT8_MIN_AGREEMENT,
                         help=f"int8 minimum top-1 agreement with fp32 (default: {INT8_MIN_AGREEMENT})")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress, and the ONNX exporter's own messages")
     return parser.parse_args(argv)
 
 
@@ -69,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("export").setLevel(logging.INFO)
+        show_exporter_logs()
     try:
         result = export_checkpoint(
-            args.checkpoint, tta=args.tta, precision=args.precision, scale=args.scale, out=args.out,
+            args.checkpoint, tta=args.tta, precision=args.precision, test_scale=args.test_scale, out=args.out,
             register=args.register, check_images=args.check_images, calibration=args.calibration,
             calibration_count=args.calibration_images, agreement_count=args.agreement_images,
             min_agreement=args.min_agreement,

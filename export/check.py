@@ -52,19 +52,19 @@ def image_files(folder: str | os.PathLike, *, seed: int = 0) -> list[Path]:
     return files
 
 
-def load_graph_inputs(files: Sequence[Path], *, scale: int) -> np.ndarray:
-    """``[N, scale, scale, 3]`` uint8 graph inputs; unreadable files are skipped with a warning."""
+def load_graph_inputs(files: Sequence[Path], *, test_scale: int) -> np.ndarray:
+    """``[N, Q, Q, 3]`` (Q = ``test_scale``) uint8 graph inputs; unreadable files are skipped with a warning."""
     images = []
     for path in files:
         try:
-            images.append(to_graph_input(open_rgb(path), scale))
+            images.append(to_graph_input(open_rgb(path), test_scale))
         except ImageDecodeError as error:
             logger.warning("skipping %s: %s", path, error)
-    return np.stack(images) if images else np.zeros((0, scale, scale, 3), dtype=np.uint8)
+    return np.stack(images) if images else np.zeros((0, test_scale, test_scale, 3), dtype=np.uint8)
 
 
-def random_images(count: int, *, scale: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(count, scale, scale, 3), dtype=np.uint8)
+def random_images(count: int, *, test_scale: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(count, test_scale, test_scale, 3), dtype=np.uint8)
 
 
 def session(model: onnx.ModelProto | str | os.PathLike, *, providers: Sequence[str] | None = None) -> ort.InferenceSession:

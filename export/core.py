@@ -22,12 +22,13 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from export import check, registry
+from export import check
 from export.graph import TTA_MODES, InferenceGraph
 from export.onnx_io import OPSET, save_onnx, set_metadata, to_onnx
 from export.reference import reference_probs
-from vgg.errors import one_line
+from vgg import store
 from vgg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from vgg.errors import one_line
 from vgg.preprocessing import MAX_SCALE, MIN_CROP, default_test_scale
 
 __all__ = ["ExportError", "ExportResult", "export_checkpoint", "PRECISIONS", "FP32_TOLERANCE"]
@@ -73,7 +74,7 @@ class _Source:
     mean: list[float]
     std: list[float]
     crop: int
-    scale: int
+    test_scale: int
     sha256: str
     data_folder: Path | None
 
@@ -86,7 +87,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_source(checkpoint_path: Path, *, scale: int | None) -> _Source:
+def _load_source(checkpoint_path: Path, *, test_scale: int | None) -> _Source:
     try:
         checkpoint = load_checkpoint(checkpoint_path)
         model = model_from_checkpoint(checkpoint)
@@ -94,7 +95,7 @@ def _load_source(checkpoint_path: Path, *, scale: int | None) -> _Source:
         mean, std = [float(v) for v in preprocess["mean"]], [float(v) for v in preprocess["std"]]
         crop = _whole_number(preprocess["crop"], "crop")
         stored_scale = preprocess.get("test_scale")
-        default_scale = default_test_scale(crop) if stored_scale is None else _whole_number(stored_scale, "test_scale")
+        saved_test_scale = default_test_scale(crop) if stored_scale is None else _whole_number(stored_scale, "test_scale")
         classes = [str(name) for name in checkpoint["classes"]]
     except CheckpointError as error:
         raise ExportError(str(error)) from None
@@ -104,13 +105,13 @@ def _load_source(checkpoint_path: Path, *, scale: int | None) -> _Source:
         raise ExportError(f"{checkpoint_path}: not a readable checkpoint ({type(error).__name__})") from None
     _check_source(checkpoint_path, checkpoint, model, mean=mean, std=std, crop=crop, classes=classes)
     if stored_scale is not None:
-        _check_scale(default_scale, crop=crop, where=f"{checkpoint_path}: its preprocess test_scale")
-    where = "the default test scale" if scale is None else "--scale"
-    scale = default_scale if scale is None else scale
-    _check_scale(scale, crop=crop, where=where)
+        _check_scale(saved_test_scale, crop=crop, where=f"{checkpoint_path}: its preprocess test_scale")
+    where = "the default test scale" if test_scale is None else "--test-scale"
+    test_scale = saved_test_scale if test_scale is None else test_scale
+    _check_scale(test_scale, crop=crop, where=where)
     config = checkpoint.get("config") or {}
     data = config.get("data") if isinstance(config, dict) else None
-    return _Source(checkpoint, model, mean, std, crop, scale, _sha256(checkpoint_path), check.training_folder(data))
+    return _Source(checkpoint, model, mean, std, crop, test_scale, _sha256(checkpoint_path), check.training_folder(data))
 
 
 def _whole_number(value: Any, name: str) -> int:
@@ -119,9 +120,9 @@ def _whole_number(value: Any, name: str) -> int:
     return int(value)
 
 
-def _check_scale(scale: int, *, crop: int, where: str) -> None:
-    if not crop <= scale <= MAX_SCALE:
-        raise ExportError(f"{where} is {scale}; a test scale must be between the crop {crop} and {MAX_SCALE}")
+def _check_scale(test_scale: int, *, crop: int, where: str) -> None:
+    if not crop <= test_scale <= MAX_SCALE:
+        raise ExportError(f"{where} is {test_scale}; a test scale must be between the crop {crop} and {MAX_SCALE}")
 
 
 def _check_source(path: Path, checkpoint: dict[str, Any], model: Any, *, mean: list[float], std: list[float],
@@ -148,7 +149,7 @@ def _metadata(source: _Source, *, tta: str) -> dict[str, Any]:
         "cfg": str(arch["cfg"]),
         "batch_norm": bool(arch["batch_norm"]),
         "num_classes": int(arch["num_classes"]),
-        "scale": source.scale,
+        store.TEST_SCALE_KEY: source.test_scale,
         "crop": source.crop,
         "mean": source.mean,
         "std": source.std,
@@ -167,16 +168,16 @@ def _check_inputs(source: _Source, check_images: Sequence[os.PathLike | str] | n
             files = check.image_files(source.data_folder)[:REAL_CHECK_IMAGES] if source.data_folder else []
         else:
             files = [Path(p) for p in check_images]
-        real = check.load_graph_inputs(files, scale=source.scale)
+        real = check.load_graph_inputs(files, test_scale=source.test_scale)
     if len(real) == 0:
         logger.warning("no real images to check against (no training data folder): random images only")
-    noise = check.random_images(RANDOM_CHECK_IMAGES, scale=source.scale)
-    return np.concatenate([real.reshape(-1, source.scale, source.scale, 3), noise])
+    noise = check.random_images(RANDOM_CHECK_IMAGES, test_scale=source.test_scale)
+    return np.concatenate([real.reshape(-1, source.test_scale, source.test_scale, 3), noise])
 
 
 def _export_graph(source: _Source, *, tta: str, half: bool) -> onnx.ModelProto:
     graph = InferenceGraph(
-        source.model, mean=source.mean, std=source.std, crop=source.crop, scale=source.scale, tta=tta, half=half
+        source.model, mean=source.mean, std=source.std, crop=source.crop, test_scale=source.test_scale, tta=tta, half=half
     )
     exporter_chatter = io.StringIO()
     try:
@@ -253,8 +254,8 @@ def _int8_images(source: _Source, calibration: Path | None, *, calibration_count
             f"{len(calibration_files)} + {len(agreement_files)} in {where}; pass --calibration DIR"
         )
     return (
-        check.load_graph_inputs(calibration_files, scale=source.scale),
-        check.load_graph_inputs(agreement_files, scale=source.scale),
+        check.load_graph_inputs(calibration_files, test_scale=source.test_scale),
+        check.load_graph_inputs(agreement_files, test_scale=source.test_scale),
     )
 
 
@@ -319,8 +320,8 @@ def _publish(
     tag, paths = None, {}
     try:
         if register:
-            tag = registry.register(files=entry_files, labels=labels, metadata=metadata)
-            paths = registry.model_files(registry.latest_model(tag))
+            tag = store.register(files=entry_files, labels=labels, metadata=metadata)
+            paths = store.model_files(store.latest_model(tag))
     except Exception as error:  # BentoML raises its own types and OSError
         if staged_out is not None:
             staged_out.unlink(missing_ok=True)
@@ -340,7 +341,7 @@ def export_checkpoint(
     *,
     tta: str = "five",
     precision: str = "fp32",
-    scale: int | None = None,
+    test_scale: int | None = None,
     out: str | os.PathLike | None = None,
     register: bool = True,
     check_images: Sequence[os.PathLike | str] | np.ndarray | None = None,
@@ -367,7 +368,7 @@ def export_checkpoint(
     _check_out(out)
     if calibration_count < 1 or agreement_count < 1:
         raise ExportError(f"int8 image counts must be at least 1, got {calibration_count} and {agreement_count}")
-    source = _load_source(Path(checkpoint_path), scale=scale)
+    source = _load_source(Path(checkpoint_path), test_scale=test_scale)
     metadata = _metadata(source, tta=tta)
     precisions = ["fp32"] if precision == "fp32" else ["fp32", precision]
     classes = [str(name) for name in source.checkpoint["classes"]]
@@ -379,7 +380,7 @@ def export_checkpoint(
     onnx_metadata = {**metadata, "labels": classes}
     with tempfile.TemporaryDirectory(prefix="vgg-export-") as scratch:
         work = Path(scratch)
-        files = {precision_name: work / registry.ONNX_FILES[precision_name] for precision_name in precisions}
+        files = {precision_name: work / store.ONNX_FILES[precision_name] for precision_name in precisions}
         images = _check_inputs(source, check_images)
         _write(_export_graph(source, tta=tta, half=False), files["fp32"], onnx_metadata, precision="fp32")
         max_diff, fp32_probs = _check_fp32(files["fp32"], source, images, tta=tta)
@@ -392,10 +393,10 @@ def export_checkpoint(
                 files["fp32"], files["int8"], calibration_images=calibration_images,
                 agreement_images=agreement_images, min_agreement=min_agreement, metadata=onnx_metadata,
             )
-        classes_file = work / registry.CLASSES_FILE
+        classes_file = work / store.CLASSES_FILE
         classes_file.write_text(json.dumps(classes), encoding="utf-8")
         store_metadata = {**metadata, "precisions": precisions}
-        entry_files = {**{path.name: path for path in files.values()}, registry.CLASSES_FILE: classes_file}
+        entry_files = {**{path.name: path for path in files.values()}, store.CLASSES_FILE: classes_file}
         tag, paths = _publish(entry_files, files[precision], out=out, register=register, metadata=store_metadata,
                               labels={"cfg": metadata["cfg"], "tta": tta, "precisions": ",".join(precisions)})
     onnx_path = Path(out) if out is not None else paths[precision]

@@ -34,16 +34,16 @@ Tta = Literal["five", "ten", "center", "dense"]
 TTA_MODES: tuple[str, ...] = ("five", "ten", "center", "dense")
 
 
-def crop_offsets(*, scale: int, crop: int, tta: Tta) -> list[tuple[int, int]]:
-    """``(top, left)`` of each crop cut from one (possibly flipped) ``scale x scale`` image.
+def crop_offsets(*, test_scale: int, crop: int, tta: Tta) -> list[tuple[int, int]]:
+    """``(top, left)`` of each crop cut from one (possibly flipped) ``Q x Q`` image (Q = ``test_scale``).
 
     ``five``/``ten`` give torchvision's FiveCrop order (TL, TR, BL, BR, centre); ``center``
     the centre crop only; ``dense`` no crops (the whole image is the view).
     """
-    if crop > scale:
-        raise ValueError(f"crop {crop} is larger than the test scale {scale}")
-    far = scale - crop
-    middle = center_offset(scale, crop)
+    if crop > test_scale:
+        raise ValueError(f"crop {crop} is larger than the test scale {test_scale}")
+    far = test_scale - crop
+    middle = center_offset(test_scale, crop)
     if tta in ("five", "ten"):
         return [(0, 0), (0, far), (far, 0), (far, far), (middle, middle)]
     if tta == "center":
@@ -67,13 +67,13 @@ class InferenceGraph(nn.Module):
         mean: Sequence[float],
         std: Sequence[float],
         crop: int,
-        scale: int,
+        test_scale: int,
         tta: Tta = "five",
         half: bool = False,
     ) -> None:
         super().__init__()
-        self.offsets = crop_offsets(scale=scale, crop=crop, tta=tta)
-        self.tta, self.crop, self.scale, self.half = tta, crop, scale, half
+        self.offsets = crop_offsets(test_scale=test_scale, crop=crop, tta=tta)
+        self.tta, self.crop, self.test_scale, self.half = tta, crop, test_scale, half
         model = copy.deepcopy(model)  # .half() and to_dense must not touch the caller's model
         network: nn.Module = to_dense(model, crop=crop) if tta == "dense" else model
         self.network = network.eval().half() if half else network.eval()

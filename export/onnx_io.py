@@ -8,11 +8,12 @@ the TorchScript exporter: a graph it cannot export is an export failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import onnx
 import torch
@@ -28,6 +29,9 @@ __all__ = [
     "set_metadata",
     "read_metadata",
     "save_onnx",
+    "EXPORTER_LOGGERS",
+    "quiet_exporter_logs",
+    "show_exporter_logs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -39,11 +43,42 @@ OPSET = 20  # torch 2.14's default for the dynamo exporter; pinned so exports ar
 # metadata_props values are strings: these keys are stored as they are, every other key as JSON.
 STRING_KEYS = frozenset({"cfg", "tta", "precision", "checkpoint_sha256"})
 
+# Loggers of the exporter, its ONNX optimiser and ONNX Runtime's quantizer. Their INFO records
+# ("The value 'start' is not 0", "Replaced initializer ...") mean nothing to a user.
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir", "onnxruntime")
+
+
+@contextlib.contextmanager
+def quiet_exporter_logs() -> Iterator[None]:
+    """Within the block, :data:`EXPORTER_LOGGERS` drop records below WARNING, unless a logger's
+    level was set explicitly (:func:`show_exporter_logs`, the command lines' ``-v``)."""
+    quieted = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    quieted = [logger for logger in quieted if logger.level == logging.NOTSET]
+    for logger in quieted:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger in quieted:
+            logger.setLevel(logging.NOTSET)
+
+
+def show_exporter_logs(level: int = logging.INFO) -> None:
+    """Let :data:`EXPORTER_LOGGERS` log from ``level`` on (a command line's ``-v``)."""
+    for name in EXPORTER_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
 
 def to_onnx(graph: InferenceGraph) -> onnx.ModelProto:
     """Export ``graph`` with a dynamic batch dimension ``N``; returns the checked model."""
-    example = torch.zeros(2, graph.scale, graph.scale, 3, dtype=torch.uint8)
-    program = torch.onnx.export(
+    example = torch.zeros(2, graph.test_scale, graph.test_scale, 3, dtype=torch.uint8)
+    with quiet_exporter_logs():
+        program = _export_program(graph, example)
+    return program.model_proto
+
+
+def _export_program(graph: InferenceGraph, example: torch.Tensor):
+    return torch.onnx.export(
         graph.eval(),
         (example,),
         dynamo=True,
@@ -55,7 +90,6 @@ def to_onnx(graph: InferenceGraph) -> onnx.ModelProto:
         optimize=True,
         verbose=False,
     )
-    return program.model_proto
 
 
 def set_metadata(model: onnx.ModelProto, metadata: dict[str, Any]) -> None:

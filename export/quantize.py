@@ -24,6 +24,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from export.onnx_io import quiet_exporter_logs
+
 __all__ = ["QUANTIZED_OPS", "quantize_int8"]
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, *, calibration_images: np.nda
     """
     if len(calibration_images) == 0:
         raise ValueError("int8 calibration needs at least one image")
-    with tempfile.TemporaryDirectory(prefix="vgg-quant-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="vgg-quant-") as scratch, quiet_exporter_logs():
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)
         quantize_static(

@@ -9,14 +9,15 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 export BENTOML_DO_NOT_TRACK=True
 
-if [[ -z "${VGG_MODEL:-}" ]] && ! "$PY" -m export.registry --check >/dev/null 2>&1; then
+if [[ -z "${VGG_MODEL:-}" ]] && ! "$PY" -m vgg.store --check >/dev/null 2>&1; then
   echo "No 'vgg' model registered yet: training the built-in demo VGG-D (about 5 minutes on 2 CPU cores)."
   "$PY" -m training.run --cfg D
-  if ! "$PY" -m export.registry --check >/dev/null 2>&1; then
+  if ! "$PY" -m vgg.store --check >/dev/null 2>&1; then
     echo "error: training finished but registered no 'vgg' model; export one with" \
          "'python -m export --checkpoint runs/<run>/best.pt'" >&2
     exit 2
   fi
 fi
-echo "Serving on http://localhost:${PORT:-3000} (docs at /, POST /classify); Ctrl+C stops it."
+echo "Serving on http://localhost:${PORT:-3000}: try it in a browser at http://localhost:${PORT:-3000}/ui" \
+     "(API docs at /, POST /classify); Ctrl+C stops it."
 exec .venv/bin/bentoml serve . --host "${HOST:-0.0.0.0}" --port "${PORT:-3000}"

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from serving.cuda import cuda_device_count, cuda_problem, preload_cuda_libraries
+from vgg import store
 from vgg.errors import one_line
 
 __all__ = [
@@ -57,7 +58,7 @@ class ModelFiles:
     tag: str
     graphs: dict[str, Path]
     labels: list[str]
-    scale: int
+    test_scale: int
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -127,7 +128,7 @@ def _check_labels(labels: list[str], num_classes: Any, *, where: str) -> None:
 
 
 def _model_files_from_onnx(path: Path) -> ModelFiles:
-    """A bare ``.onnx`` file: its metadata_props carry ``scale`` and ``labels``."""
+    """A bare ``.onnx`` file: its metadata_props carry ``test_scale`` (Q) and ``labels``."""
     import onnxruntime as ort
 
     if not path.is_file():
@@ -139,19 +140,20 @@ def _model_files_from_onnx(path: Path) -> ModelFiles:
     props = dict(session.get_modelmeta().custom_metadata_map)
     input_size = session.get_inputs()[0].shape[1]
     num_classes = session.get_outputs()[0].shape[-1]
-    if "scale" in props:
-        scale = _positive_int(props, "scale", where=str(path))
+    key = store.test_scale_key(props)
+    if key in props:
+        test_scale = _positive_int(props, key, where=str(path))
     elif isinstance(input_size, int):
-        scale = input_size
+        test_scale = input_size
     else:
-        raise EngineError(f"{path}: the graph has no 'scale' metadata and a dynamic input size")
+        raise EngineError(f"{path}: the graph has no '{key}' metadata and a dynamic input size")
     labels = _labels_from_metadata(props, num_classes if isinstance(num_classes, int) else 0)
     _check_labels(labels, num_classes, where=str(path))
     precision = props.get("precision", "fp32")  # files exported before precisions were recorded: fp32
     if precision not in PRECISIONS:
         raise EngineError(f"{path}: metadata 'precision' is {precision!r}, not one of {', '.join(PRECISIONS)}")
     metadata = {key: _json_or_text(value) for key, value in props.items()}
-    return ModelFiles(tag=path.name, graphs={precision: path}, labels=labels, scale=scale, metadata=metadata)
+    return ModelFiles(tag=path.name, graphs={precision: path}, labels=labels, test_scale=test_scale, metadata=metadata)
 
 
 def _json_or_text(value: str) -> Any:
@@ -163,10 +165,8 @@ def _json_or_text(value: str) -> Any:
 
 
 def _store_labels(model: Any, metadata: dict[str, Any], num_classes: int) -> list[str]:
-    from export.registry import model_classes
-
     try:
-        return [str(label) for label in model_classes(model)]
+        return [str(label) for label in store.model_classes(model)]
     except (OSError, ValueError):
         return _labels_from_metadata(metadata, num_classes)
 
@@ -174,27 +174,25 @@ def _store_labels(model: Any, metadata: dict[str, Any], num_classes: int) -> lis
 def _model_files_from_store(tag: str) -> ModelFiles:
     from bentoml.exceptions import NotFound
 
-    from export.registry import MODEL_NAME, latest_model, model_files
-
     try:
-        model = latest_model(tag)
+        model = store.latest_model(tag)
     except NotFound:
-        if tag in (MODEL_NAME, f"{MODEL_NAME}:latest"):
-            raise EngineError(f"no '{MODEL_NAME}' model in the BentoML store: {HOW_TO_GET_A_MODEL}") from None
+        if tag in (store.MODEL_NAME, f"{store.MODEL_NAME}:latest"):
+            raise EngineError(f"no '{store.MODEL_NAME}' model in the BentoML store: {HOW_TO_GET_A_MODEL}") from None
         raise EngineError(f"model {tag!r} is not in the BentoML store: {HOW_TO_GET_A_MODEL}") from None
     except ValueError as error:
         raise EngineError(f"{tag!r} is neither a model tag nor an .onnx path ({error})") from None
     except OSError as error:  # e.g. a mounted store the service's user cannot read
         raise EngineError(f"cannot read the BentoML store for {tag!r}: {error.strerror or error}") from None
     metadata, where = dict(model.info.metadata), f"model {model.tag}"
-    graphs = {precision: path for precision, path in model_files(model).items() if precision in PRECISIONS}
+    graphs = {precision: path for precision, path in store.model_files(model).items() if precision in PRECISIONS}
     if "fp32" not in graphs:
         raise EngineError(f"{where} has no model.onnx: re-export it")
-    scale = _positive_int(metadata, "scale", where=where)
+    test_scale = _positive_int(metadata, store.test_scale_key(metadata), where=where)
     num_classes = _positive_int(metadata, "num_classes", where=where) if "num_classes" in metadata else None
     labels = _store_labels(model, metadata, num_classes or 0)
     _check_labels(labels, num_classes, where=where)
-    return ModelFiles(tag=str(model.tag), graphs=graphs, labels=labels, scale=scale, metadata=metadata)
+    return ModelFiles(tag=str(model.tag), graphs=graphs, labels=labels, test_scale=test_scale, metadata=metadata)
 
 
 def model_spec(spec: str | None = None) -> str:
@@ -310,7 +308,7 @@ class Engine:
         self.files = files
         self.tag = files.tag
         self.labels = files.labels
-        self.scale = files.scale
+        self.test_scale = files.test_scale
         self.gpu_id = gpu_id
         if device == "cuda" and not _cuda_usable():
             raise EngineError(f"a GPU was required but it is not usable: {cuda_problem()}")
@@ -328,7 +326,7 @@ class Engine:
         self._gpu_batch_sizes: list[int] = []  # fixed shapes the GPU session was tuned for
         logger.info(
             "engine: %s, %s graph on %s (%s), input %dx%d, %d classes",
-            self.tag, self.precision, self.provider, self.graph_path.name, self.scale, self.scale, self.num_classes,
+            self.tag, self.precision, self.provider, self.graph_path.name, self.test_scale, self.test_scale, self.num_classes,
         )
 
     def _open(self, precision: str, *, cuda: bool, intra_op_threads: int | None) -> None:
@@ -347,7 +345,7 @@ class Engine:
             "batch_norm": metadata.get("batch_norm"),
             "num_classes": self.num_classes,
             "labels": list(self.labels),
-            "test_scale": self.scale,
+            "test_scale": self.test_scale,
             "crop": metadata.get("crop"),
             "tta": metadata.get("tta"),
             "precision": self.precision,
@@ -362,8 +360,8 @@ class Engine:
     def run(self, images: np.ndarray) -> np.ndarray:
         """``images`` uint8 [N, Q, Q, 3] -> float32 probabilities [N, num_classes]."""
         images = np.ascontiguousarray(images, dtype=np.uint8)
-        if images.ndim != 4 or images.shape[1:] != (self.scale, self.scale, 3):
-            raise EngineError(f"expected uint8 [N, {self.scale}, {self.scale}, 3], got {list(images.shape)}")
+        if images.ndim != 4 or images.shape[1:] != (self.test_scale, self.test_scale, 3):
+            raise EngineError(f"expected uint8 [N, {self.test_scale}, {self.test_scale}, 3], got {list(images.shape)}")
         if self.on_gpu:
             return self._run_padded(images)
         (probs,) = self.session.run([self.output_name], {self.input_name: images})
@@ -391,7 +389,7 @@ class Engine:
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run each batch size once so allocations and cuDNN algorithm choices happen now."""
         for size in batch_sizes:
-            self.run(np.zeros((size, self.scale, self.scale, 3), dtype=np.uint8))
+            self.run(np.zeros((size, self.test_scale, self.test_scale, 3), dtype=np.uint8))
         if self.on_gpu:
             self._gpu_batch_sizes = sorted(set(batch_sizes))
 

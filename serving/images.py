@@ -34,8 +34,8 @@ def image_format(data: bytes) -> str | None:
         return None
 
 
-def preprocess_upload(path: Path, *, scale: int, max_pixels: int) -> np.ndarray:
-    """Decode an uploaded image and make the graph's ``[scale, scale, 3]`` uint8 input.
+def preprocess_upload(path: Path, *, test_scale: int, max_pixels: int) -> np.ndarray:
+    """Decode an uploaded image and make the graph's ``[Q, Q, 3]`` uint8 input (Q = ``test_scale``).
 
     Raises :class:`ApiError`: 400 not an image / empty / truncated, 413 too many pixels,
     415 an image format the API does not take.
@@ -47,7 +47,7 @@ def preprocess_upload(path: Path, *, scale: int, max_pixels: int) -> np.ndarray:
     if found is not None and found not in SUPPORTED_FORMATS:
         raise ApiError(415, f"unsupported image format {found}; send JPEG, PNG, WebP, BMP, GIF or TIFF")
     try:
-        return to_graph_input(open_rgb(data, max_pixels=max_pixels), scale)
+        return to_graph_input(open_rgb(data, max_pixels=max_pixels), test_scale)
     except ImageTooLarge as error:
         raise ApiError(413, f"image too large: {error}") from None
     except ImageDecodeError as error:

@@ -1,15 +1,36 @@
-"""Shared fixtures: the optional real data set, a fresh BentoML model store per test; tests
-marked ``gpu`` skip without a CUDA GPU."""
+"""Shared fixtures: the optional real data set and an empty BentoML model store per test;
+tests marked ``gpu`` skip without a CUDA GPU.
+
+BentoML reads ``$BENTOML_HOME`` once per process, so the whole test run gets one temporary
+home, set before any test imports BentoML (never the user's ``~/bentoml``); the
+``bentoml_home`` fixture empties its model store around a test.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGENETTE_ROOT = REPO_ROOT.parent / "shared" / "data" / "imagenette"
+
+_HOME: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _HOME
+    _HOME = Path(tempfile.mkdtemp(prefix="vgg-tests-bentoml-"))
+    os.environ["BENTOML_HOME"] = str(_HOME)
+    os.environ["BENTOML_DO_NOT_TRACK"] = "True"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _HOME is not None:
+        shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -21,14 +42,24 @@ def imagenette_train() -> Path:
     return train
 
 
+def _empty_model_store(home: Path) -> None:
+    import bentoml
+
+    for model in bentoml.models.list():
+        bentoml.models.delete(model.tag)
+    shutil.rmtree(home / "models", ignore_errors=True)
+    (home / "models").mkdir(parents=True, exist_ok=True)
+
+
 @pytest.fixture
-def bentoml_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty BentoML home for this test (``$BENTOML_HOME``), no ``$VGG_MODEL``, no usage tracking."""
-    home = tmp_path / "bentoml"
-    monkeypatch.setenv("BENTOML_HOME", str(home))
-    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "True")
+def bentoml_home(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test run's BentoML home with an empty model store, and no ``$VGG_MODEL``."""
+    assert _HOME is not None
+    monkeypatch.setenv("BENTOML_HOME", str(_HOME))
     monkeypatch.delenv("VGG_MODEL", raising=False)
-    return home
+    _empty_model_store(_HOME)
+    yield _HOME
+    _empty_model_store(_HOME)
 
 
 def _cuda_available() -> bool:

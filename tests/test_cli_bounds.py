@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import registry
 from export.__main__ import main as export_main
 from tests.export_helpers import peaky_model, write_checkpoint
 from training import data as datasets
@@ -22,6 +21,7 @@ from training import run as training_run
 from training.config import TrainConfig
 from training.run import UsageError, validate
 from tests.training_helpers import write_folder
+from vgg import store
 from vgg.preprocessing import MAX_SCALE, MIN_CROP
 
 # ---------------------------------------------------------------- training: flags
@@ -190,15 +190,16 @@ def test_export_refuses_inconsistent_checkpoints(tmp_path, capsys, bentoml_home,
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], captured.err
-    assert not registry.has_model() and not out.exists()
+    assert not store.has_model() and not out.exists()
 
 
 @pytest.mark.parametrize("scale", ["0", "-256", "31", str(MAX_SCALE + 1)])
-def test_export_refuses_a_scale_flag_out_of_bounds(tmp_path, capsys, bentoml_home, scale):
+def test_export_refuses_a_test_scale_flag_out_of_bounds(tmp_path, capsys, bentoml_home, scale):
     path = write_checkpoint(tmp_path / "best.pt", peaky_model(num_classes=2), classes=["a", "b"])
-    assert export_main(["--checkpoint", str(path), "--scale", scale, "--no-register", "--out", str(tmp_path / "o.onnx")]) == 2
+    out = str(tmp_path / "o.onnx")
+    assert export_main(["--checkpoint", str(path), "--test-scale", scale, "--no-register", "--out", out]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --scale is") and "\n" not in err, err
+    assert err.startswith("error: --test-scale is") and "\n" not in err, err
 
 
 def test_unsafe_pickle_refusal_gives_no_advice_to_load_it_unsafely(tmp_path, capsys, bentoml_home):

@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export import registry
+from vgg import store
 from serving import engine as engine_module
 from serving.engine import Engine, EngineError, ModelFiles, check_model, choose_precision, resolve_model
 
@@ -46,7 +46,7 @@ def mean_colour_graph(path: Path, *, props: dict[str, str], sign: float = 1.0) -
     return path
 
 
-GOOD_PROPS = {"scale": str(SCALE), "labels": json.dumps(CLASSES)}
+GOOD_PROPS = {"test_scale": str(SCALE), "labels": json.dumps(CLASSES)}
 
 
 def test_a_well_formed_graph_is_served(tmp_path, monkeypatch):
@@ -59,9 +59,22 @@ def test_a_well_formed_graph_is_served(tmp_path, monkeypatch):
     assert engine.labels == CLASSES and int(engine.run(image).argmax()) == 2
 
 
+
+def test_models_exported_before_the_test_scale_key_still_load(tmp_path):
+    """Older exports carry Q as metadata "scale": a bare .onnx file and a store entry."""
+    old_props = {"scale": str(SCALE), "labels": json.dumps(CLASSES)}
+    path = mean_colour_graph(tmp_path / "old.onnx", props=old_props)
+    assert resolve_model(str(path)).test_scale == SCALE
+    graph = mean_colour_graph(tmp_path / "model.onnx", props=old_props)
+    (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
+    files = {"model.onnx": graph, "classes.json": tmp_path / "classes.json"}
+    tag = store.register(files=files, labels={"cfg": "A"}, metadata={"scale": SCALE, "num_classes": 3})
+    engine = Engine(resolve_model(tag), device="cpu", intra_op_threads=1)
+    assert engine.test_scale == SCALE and engine.labels == CLASSES
+
 @pytest.mark.parametrize(("props", "words"), [
-    ({**GOOD_PROPS, "scale": "big"}, "metadata 'scale' is 'big', not an integer"),
-    ({**GOOD_PROPS, "scale": "0"}, "not a positive integer"),
+    ({**GOOD_PROPS, "test_scale": "big"}, "metadata 'test_scale' is 'big', not an integer"),
+    ({**GOOD_PROPS, "test_scale": "0"}, "not a positive integer"),
     ({**GOOD_PROPS, "labels": json.dumps(CLASSES[:2])}, "2 labels for 3 classes"),
     ({**GOOD_PROPS, "labels": "[not json"}, "'labels' is not a JSON list"),
 ], ids=["scale-not-int", "scale-zero", "labels-short", "labels-not-json"])
@@ -83,14 +96,15 @@ def register_entry(tmp_path: Path, *, metadata: dict, classes: list[str]) -> str
     graph = mean_colour_graph(tmp_path / "model.onnx", props=GOOD_PROPS)
     (tmp_path / "classes.json").write_text(json.dumps(classes))
     files = {"model.onnx": graph, "classes.json": tmp_path / "classes.json"}
-    return registry.register(files=files, labels={"cfg": "A"}, metadata=metadata)
+    return store.register(files=files, labels={"cfg": "A"}, metadata=metadata)
 
 
 @pytest.mark.parametrize(("metadata", "classes", "words"), [
-    ({"num_classes": 3}, CLASSES, "metadata 'scale' is None, not an integer"),
+    ({"num_classes": 3}, CLASSES, "metadata 'test_scale' is None, not an integer"),
+    ({"test_scale": "4x4", "num_classes": 3}, CLASSES, "metadata 'test_scale' is '4x4'"),
     ({"scale": "4x4", "num_classes": 3}, CLASSES, "metadata 'scale' is '4x4'"),
-    ({"scale": SCALE, "num_classes": 3}, CLASSES[:2], "2 labels for 3 classes"),
-], ids=["no-scale", "scale-not-int", "labels-short"])
+    ({"test_scale": SCALE, "num_classes": 3}, CLASSES[:2], "2 labels for 3 classes"),
+], ids=["no-scale", "scale-not-int", "old-key-scale-not-int", "labels-short"])
 def test_malformed_store_entries_are_one_engine_error(tmp_path, metadata, classes, words):
     tag = register_entry(tmp_path, metadata=metadata, classes=classes)
     with pytest.raises(EngineError, match=words):
@@ -98,7 +112,7 @@ def test_malformed_store_entries_are_one_engine_error(tmp_path, metadata, classe
 
 
 def test_labels_that_do_not_fit_the_graph_fail_when_the_engine_opens(tmp_path):
-    tag = register_entry(tmp_path, metadata={"scale": SCALE}, classes=CLASSES + ["purple"])
+    tag = register_entry(tmp_path, metadata={"test_scale": SCALE}, classes=CLASSES + ["purple"])
     with pytest.raises(EngineError, match="4 labels for 3 classes"):
         Engine(resolve_model(tag), device="cpu", intra_op_threads=1)
 
@@ -107,7 +121,7 @@ def test_an_unreadable_store_is_one_engine_error(monkeypatch):
     def unreadable(tag):
         raise PermissionError(13, "Permission denied", "/home/vgg/bentoml/models/vgg")
 
-    monkeypatch.setattr(registry, "latest_model", unreadable)
+    monkeypatch.setattr(store, "latest_model", unreadable)
     with pytest.raises(EngineError, match="cannot read the BentoML store for 'vgg:latest': Permission denied"):
         check_model()
 
@@ -124,7 +138,7 @@ def test_cgroup_cpu_limit(tmp_path, text, expected):
 
 
 def graphs_of(*precisions: str) -> ModelFiles:
-    return ModelFiles(tag="vgg:test", graphs={p: Path(f"{p}.onnx") for p in precisions}, labels=CLASSES, scale=SCALE)
+    return ModelFiles(tag="vgg:test", graphs={p: Path(f"{p}.onnx") for p in precisions}, labels=CLASSES, test_scale=SCALE)
 
 
 @pytest.mark.parametrize(("have", "device", "expected"), [
@@ -161,10 +175,10 @@ def test_a_precision_the_model_or_device_lacks_is_one_line(requested, have, devi
 
 def register_graphs(tmp_path: Path, graphs: dict[str, Path]) -> str:
     (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
-    files = {registry.ONNX_FILES[precision]: path for precision, path in graphs.items()}
-    metadata = {"scale": SCALE, "num_classes": 3, "cfg": "A", "batch_norm": False, "crop": 3, "tta": "center",
+    files = {store.ONNX_FILES[precision]: path for precision, path in graphs.items()}
+    metadata = {"test_scale": SCALE, "num_classes": 3, "cfg": "A", "batch_norm": False, "crop": 3, "tta": "center",
                 "val_top1": 0.5, "precisions": list(graphs)}
-    return registry.register(files={**files, "classes.json": tmp_path / "classes.json"}, labels={"cfg": "A"},
+    return store.register(files={**files, "classes.json": tmp_path / "classes.json"}, labels={"cfg": "A"},
                              metadata=metadata)
 
 

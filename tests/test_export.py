@@ -11,11 +11,12 @@ import numpy as np
 import onnx
 import pytest
 
-from export import ExportError, export_checkpoint, registry
+from export import ExportError, export_checkpoint
 from export.check import random_images, run_onnx, session
 from export.graph import InferenceGraph, crop_offsets
 from export.onnx_io import OPSET, read_metadata, to_onnx
 from export.reference import reference_probs
+from vgg import store
 from tests.export_helpers import CROP, MEAN, SCALE, STD, peaky_model, write_checkpoint
 
 pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
@@ -36,7 +37,7 @@ def sessions(model):
     def get(tta: str, scale: int, batch_norm_model=None):
         key = (tta, scale, batch_norm_model is not None)
         if key not in cache:
-            graph = InferenceGraph(batch_norm_model or model, mean=MEAN, std=STD, crop=CROP, scale=scale, tta=tta)
+            graph = InferenceGraph(batch_norm_model or model, mean=MEAN, std=STD, crop=CROP, test_scale=scale, tta=tta)
             proto = to_onnx(graph)
             onnx.checker.check_model(proto, full_check=True)
             cache[key] = session(proto)
@@ -47,17 +48,17 @@ def sessions(model):
 
 def test_crop_offsets_follow_torchvision_fivecrop_order():
     # TL, TR, BL, BR, centre; centre uses torchvision's int(round((37 - 32) / 2)) == 2
-    assert crop_offsets(scale=37, crop=32, tta="five") == [(0, 0), (0, 5), (5, 0), (5, 5), (2, 2)]
-    assert crop_offsets(scale=37, crop=32, tta="center") == [(2, 2)]
+    assert crop_offsets(test_scale=37, crop=32, tta="five") == [(0, 0), (0, 5), (5, 0), (5, 5), (2, 2)]
+    assert crop_offsets(test_scale=37, crop=32, tta="center") == [(2, 2)]
     with pytest.raises(ValueError, match="larger"):
-        crop_offsets(scale=30, crop=32, tta="five")
+        crop_offsets(test_scale=30, crop=32, tta="five")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("tta", "scale"), [("five", SCALE), ("ten", SCALE), ("center", SCALE), ("dense", SCALE), ("dense", 64)])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_graph_matches_torchvision_reference(sessions, model, tta, scale, batch):
-    images = random_images(batch, scale=scale, seed=batch)
+    images = random_images(batch, test_scale=scale, seed=batch)
     probs = run_onnx(sessions(tta, scale), images)
     reference = reference_probs(model, images, mean=MEAN, std=STD, crop=CROP, tta=tta)
     assert probs.shape == (batch, len(CLASSES)) and probs.dtype == np.float32
@@ -69,7 +70,7 @@ def test_graph_matches_torchvision_reference(sessions, model, tta, scale, batch)
 @pytest.mark.slow
 def test_graph_with_batch_norm_matches_reference(sessions):
     bn_model = peaky_model(num_classes=len(CLASSES), batch_norm=True, seed=1)
-    images = random_images(3, scale=SCALE, seed=7)
+    images = random_images(3, test_scale=SCALE, seed=7)
     probs = run_onnx(sessions("five", SCALE, bn_model), images)
     reference = reference_probs(bn_model, images, mean=MEAN, std=STD, crop=CROP, tta="five")
     assert np.abs(probs - reference).max() <= 1e-4
@@ -78,7 +79,7 @@ def test_graph_with_batch_norm_matches_reference(sessions):
 @pytest.mark.slow
 def test_comparison_detects_a_different_crop_set(sessions, model):
     """The 1e-4 check is sensitive: five crops are not the centre crop, nor unnormalised input."""
-    images = random_images(3, scale=SCALE, seed=3)
+    images = random_images(3, test_scale=SCALE, seed=3)
     probs = run_onnx(sessions("five", SCALE), images)
     centre_only = reference_probs(model, images, mean=MEAN, std=STD, crop=CROP, tta="center")
     unnormalised = reference_probs(model, images, mean=[0.0] * 3, std=[1.0] * 3, crop=CROP, tta="five")
@@ -88,7 +89,7 @@ def test_comparison_detects_a_different_crop_set(sessions, model):
 
 @pytest.mark.slow
 def test_graph_interface_is_uint8_nhwc_to_float32_with_dynamic_batch(model):
-    proto = to_onnx(InferenceGraph(model, mean=MEAN, std=STD, crop=CROP, scale=SCALE, tta="center"))
+    proto = to_onnx(InferenceGraph(model, mean=MEAN, std=STD, crop=CROP, test_scale=SCALE, tta="center"))
     (graph_input,), (graph_output,) = proto.graph.input, proto.graph.output
     assert graph_input.name == "images" and graph_output.name == "probs"
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
@@ -105,24 +106,24 @@ def test_export_registers_self_describing_model(tmp_path, model, bentoml_home):
     out = tmp_path / "plain" / "vgg.onnx"
     result = export_checkpoint(checkpoint, tta="center", out=out)
 
-    expected = {"cfg": "A", "batch_norm": False, "num_classes": 5, "scale": SCALE, "crop": CROP, "mean": MEAN,
+    expected = {"cfg": "A", "batch_norm": False, "num_classes": 5, "test_scale": SCALE, "crop": CROP, "mean": MEAN,
                 "std": STD, "tta": "center", "val_top1": 0.42}
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     props = read_metadata(out)
     assert props == {**expected, "labels": CLASSES, "precision": "fp32", "checkpoint_sha256": sha}
     assert result.checks["fp32_max_abs_diff"] <= 1e-4 and result.onnx_path == out
 
-    assert registry.has_model() and str(bentoml_home) in str(registry.latest_model().path)
-    entry = registry.latest_model()
+    assert store.has_model() and str(bentoml_home) in str(store.latest_model().path)
+    entry = store.latest_model()
     assert str(entry.tag) == result.tag
     assert entry.info.metadata == {**expected, "precisions": ["fp32"], "checkpoint_sha256": sha}
     assert entry.info.labels["cfg"] == "A"
-    assert registry.model_classes(entry) == CLASSES
-    assert set(registry.model_files(entry)) == {"fp32"}
-    assert read_metadata(registry.model_files(entry)["fp32"]) == props
+    assert store.model_classes(entry) == CLASSES
+    assert set(store.model_files(entry)) == {"fp32"}
+    assert read_metadata(store.model_files(entry)["fp32"]) == props
 
-    images = random_images(2, scale=SCALE, seed=11)
-    stored = run_onnx(session(registry.model_files(entry)["fp32"]), images)
+    images = random_images(2, test_scale=SCALE, seed=11)
+    stored = run_onnx(session(store.model_files(entry)["fp32"]), images)
     reference = reference_probs(model, images, mean=MEAN, std=STD, crop=CROP, tta="center")
     assert np.abs(stored - reference).max() <= 1e-4
 
@@ -130,11 +131,11 @@ def test_export_registers_self_describing_model(tmp_path, model, bentoml_home):
 @pytest.mark.slow
 def test_fp16_graph_keeps_uint8_in_float32_out(tmp_path, model):
     checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
-    result = export_checkpoint(checkpoint, precision="fp16", tta="center", scale=40)
+    result = export_checkpoint(checkpoint, precision="fp16", tta="center", test_scale=40)
 
-    entry = registry.latest_model()
-    assert entry.info.metadata["precisions"] == ["fp32", "fp16"] and entry.info.metadata["scale"] == 40
-    fp16_path = registry.model_files(entry)["fp16"]
+    entry = store.latest_model()
+    assert entry.info.metadata["precisions"] == ["fp32", "fp16"] and entry.info.metadata["test_scale"] == 40
+    fp16_path = store.model_files(entry)["fp16"]
     assert result.onnx_path == fp16_path and result.checks["fp16_top1_agreement"] == 1.0
     proto = onnx.load(str(fp16_path))
     conv_weights = {node.input[1] for node in proto.graph.node if node.op_type == "Conv"}
@@ -145,9 +146,9 @@ def test_fp16_graph_keeps_uint8_in_float32_out(tmp_path, model):
     assert read_metadata(proto)["precision"] == "fp16"
 
     # The CPU provider of onnxruntime 1.31 runs fp16 Conv/Gemm: compare with fp32.
-    images = random_images(3, scale=40, seed=5)
+    images = random_images(3, test_scale=40, seed=5)
     fp16 = run_onnx(session(fp16_path), images)
-    fp32 = run_onnx(session(registry.model_files(entry)["fp32"]), images)
+    fp32 = run_onnx(session(store.model_files(entry)["fp32"]), images)
     assert fp16.dtype == np.float32
     assert (fp16.argmax(axis=1) == fp32.argmax(axis=1)).all()
     assert 0 < np.abs(fp16 - fp32).max() < 2e-2  # computed in float16, close to fp32
@@ -164,7 +165,7 @@ def test_failed_check_registers_nothing(tmp_path, model, monkeypatch):
     monkeypatch.setattr("export.core.reference_probs", wrong_reference)
     with pytest.raises(ExportError, match=r"differs from the PyTorch reference: max abs diff .* > 0.0001"):
         export_checkpoint(checkpoint, tta="center", out=out)
-    assert not registry.has_model()
+    assert not store.has_model()
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
 
 
@@ -172,13 +173,13 @@ def test_failed_check_registers_nothing(tmp_path, model, monkeypatch):
     ({"tta": "twelve"}, "unknown tta"),
     ({"precision": "int4"}, "unknown precision"),
     ({"register": False}, "nothing to do"),
-    ({"scale": 16}, "must be between the crop"),
+    ({"test_scale": 16}, "must be between the crop"),
 ])
 def test_bad_arguments_raise_export_error(tmp_path, model, kwargs, message):
     checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
     with pytest.raises(ExportError, match=message):
         export_checkpoint(checkpoint, **kwargs)
-    assert not registry.has_model()
+    assert not store.has_model()
 
 
 @pytest.mark.parametrize(("make_out", "message"), [
@@ -190,7 +191,7 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, model, monkeypatch,
     monkeypatch.setattr("export.core._load_source", lambda *a, **k: pytest.fail("worked before checking out"))
     with pytest.raises(ExportError, match=message):
         export_checkpoint(checkpoint, out=make_out(tmp_path))
-    assert not registry.has_model()
+    assert not store.has_model()
 
 
 @pytest.mark.parametrize("counts", [{"calibration_count": 0}, {"agreement_count": -5}])
@@ -214,14 +215,14 @@ def test_failed_final_rename_is_one_export_error(tmp_path, model, monkeypatch):
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
 
 
-def test_registry_check_cli_reflects_the_store(tmp_path, model):
-    assert registry.main(["--check"]) == 1
+def test_store_check_cli_reflects_the_store(tmp_path, model):
+    assert store.main(["--check"]) == 1
     files = {"model.onnx": tmp_path / "m.onnx", "classes.json": tmp_path / "c.json"}
     files["model.onnx"].write_bytes(b"placeholder")
     files["classes.json"].write_text(json.dumps(CLASSES))
-    tag = registry.register(files=files, labels={"cfg": "A"}, metadata={"cfg": "A", "precisions": ["fp32"]})
-    assert registry.main(["--check"]) == 0
-    assert str(registry.latest_model().tag) == tag
+    tag = store.register(files=files, labels={"cfg": "A"}, metadata={"cfg": "A", "precisions": ["fp32"]})
+    assert store.main(["--check"]) == 0
+    assert str(store.latest_model().tag) == tag
 
 
 @pytest.mark.slow
@@ -238,11 +239,11 @@ def test_registration_failing_midway_leaves_no_entry(tmp_path, model, monkeypatc
                 raise OSError(28, "No space left on device")
             copied.append(shutil.copyfile(source, target))
 
-    monkeypatch.setattr(registry, "shutil", FailingSecondCopy)
+    monkeypatch.setattr(store, "shutil", FailingSecondCopy)
     with pytest.raises(ExportError, match="could not register in the BentoML store: .*No space left"):
         export_checkpoint(checkpoint, tta="center", out=out)
     assert len(copied) == 1  # the first file was in the entry when it failed
-    assert not registry.has_model()
+    assert not store.has_model()
     assert not list((bentoml_home / "models").rglob("*.onnx"))
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
 
@@ -263,6 +264,27 @@ def test_check_images_skip_files_whose_decoder_fails_oddly(tmp_path, monkeypatch
         return real_exif_transpose(image)
 
     monkeypatch.setattr(preprocessing.ImageOps, "exif_transpose", struct_error_for_odd_widths)
-    images = load_graph_inputs([tmp_path / "good.png", tmp_path / "odd.png"], scale=SCALE)
+    images = load_graph_inputs([tmp_path / "good.png", tmp_path / "odd.png"], test_scale=SCALE)
     assert images.shape == (1, SCALE, SCALE, 3) and images[0, 0, 0, 0] == 200
     assert "skipping" in caplog.text and "odd.png" in caplog.text
+
+
+def test_exporter_chatter_is_silent_unless_asked_for(model, caplog):
+    """The exporter's and optimiser's INFO records reach the log only after show_exporter_logs (-v)."""
+    import logging
+
+    from export.onnx_io import EXPORTER_LOGGERS, show_exporter_logs
+
+    def exporter_records() -> list[logging.LogRecord]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            to_onnx(InferenceGraph(model, mean=MEAN, std=STD, crop=CROP, test_scale=SCALE, tta="five"))
+        return [r for r in caplog.records if r.name.split(".")[0] in {n.split(".")[0] for n in EXPORTER_LOGGERS}]
+
+    assert [r for r in exporter_records() if r.levelno < logging.WARNING] == []
+    try:
+        show_exporter_logs()
+        assert any(r.levelno == logging.INFO for r in exporter_records())
+    finally:
+        for name in EXPORTER_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import registry
+from vgg import store
 from export.__main__ import main
 from tests.export_helpers import peaky_model, write_checkpoint
 
@@ -86,7 +86,7 @@ def test_bad_checkpoint_one_line_exit_2_nothing_registered(tmp_path, capsys, cas
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], captured.err
     assert "Traceback" not in captured.err and captured.out == ""
-    assert not registry.has_model() and not out.exists()
+    assert not store.has_model() and not out.exists()
     assert not (tmp_path / "pwned").exists()
 
 
@@ -101,7 +101,7 @@ def test_code_pickle_refused_by_the_real_cli(tmp_path):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "refused to load" in result.stderr
     assert not (tmp_path / "pwned").exists()
-    assert not registry.has_model()
+    assert not store.has_model()
 
 
 @pytest.mark.parametrize(("arguments", "reason"), [
@@ -116,3 +116,12 @@ def test_bad_flags_one_line_exit_2(tmp_path, capsys, arguments, reason):
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], lines
+
+
+@pytest.mark.parametrize("flag", ["--test-scale", "--scale"])
+def test_test_scale_flag_and_its_earlier_name(tmp_path, capsys, flag):
+    path = write_checkpoint(tmp_path / "best.pt", peaky_model(num_classes=3), classes=["a", "b", "c"])
+    assert main(["--checkpoint", str(path), flag, "16", "--out", str(tmp_path / "m.onnx")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: --test-scale is 16; a test scale must be between the crop 32 and 1024"]
+    assert not store.has_model()

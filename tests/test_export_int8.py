@@ -7,8 +7,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export import ExportError, export_checkpoint, registry
+from export import ExportError, export_checkpoint
 from export.check import image_files, load_graph_inputs, run_onnx, session
+from vgg import store
 from tests.export_helpers import CLASS_COLOURS, SCALE, train_on_folder, write_checkpoint, write_colour_folder
 
 pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
@@ -36,8 +37,8 @@ def test_int8_agrees_with_fp32_and_is_registered(trained):
     assert result.checks["int8_top1_agreement"] == 1.0 and result.checks["int8_agreement_images"] == AGREEMENT
     assert result.checks["check_images"] == 12  # 8 real images of the training folder + 4 random ones
 
-    entry = registry.latest_model()
-    files = registry.model_files(entry)
+    entry = store.latest_model()
+    files = store.model_files(entry)
     assert set(files) == {"fp32", "int8"} and entry.info.metadata["precisions"] == ["fp32", "int8"]
     proto = onnx.load(str(files["int8"]))
     ops = [node.op_type for node in proto.graph.node]
@@ -56,7 +57,7 @@ def test_int8_agrees_with_fp32_and_is_registered(trained):
     # The trained model separates the classes, and int8 keeps that.
     files_by_class = image_files(root / "train")[:30]
     labels = np.array([list(CLASS_COLOURS).index(p.parent.name) for p in files_by_class])
-    images = load_graph_inputs(files_by_class, scale=SCALE)
+    images = load_graph_inputs(files_by_class, test_scale=SCALE)
     int8 = run_onnx(session(files["int8"]), images)
     assert (int8.argmax(axis=1) == labels).mean() >= 0.9
 
@@ -67,11 +68,11 @@ def test_int8_below_threshold_fails_and_registers_nothing(trained):
     with pytest.raises(ExportError, match="below the required"):
         export_checkpoint(checkpoint, precision="int8", calibration_count=8, agreement_count=12,
                           min_agreement=1.01)
-    assert not registry.has_model()
+    assert not store.has_model()
 
 
 def test_int8_without_enough_images_fails(trained):
     checkpoint, _ = trained
     with pytest.raises(ExportError, match="int8 needs 500 calibration"):
         export_checkpoint(checkpoint, precision="int8", calibration_count=500)
-    assert not registry.has_model()
+    assert not store.has_model()

@@ -62,7 +62,7 @@ def exported(tmp_path_factory) -> dict:
     assert result.returncode == 0, result.stderr[-2000:]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     scale = session.get_inputs()[0].shape[1]
-    return {"root": root, "home": home, "onnx": onnx_path, "session": session, "scale": scale}
+    return {"root": root, "home": home, "onnx": onnx_path, "session": session, "test_scale": scale}
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_model_endpoint_says_what_is_served(server, exported) -> None:
     exported_metadata = read_metadata(exported["onnx"])  # what export wrote, read by export's own reader
     for key in ("cfg", "batch_norm", "num_classes", "crop", "tta", "val_top1"):
         assert info[key] == exported_metadata[key], key
-    assert info["labels"] == CLASSES and info["test_scale"] == exported["scale"] == exported_metadata["scale"]
+    assert info["labels"] == CLASSES and info["test_scale"] == exported["test_scale"] == exported_metadata["test_scale"]
     assert info["workers"] == 1
     answer = server["client"].post("/classify", files={"image": ("a.png", encode(noise_image((30, 30), seed=6), "PNG"))})
     assert info["tag"] == answer.json()["model"]
@@ -173,7 +173,7 @@ def test_model_endpoint_says_what_is_served(server, exported) -> None:
 
 def test_real_images_equal_direct_onnx_runtime(server, exported, imagenette_train) -> None:
     files = sorted(imagenette_train.rglob("*.JPEG"))[::997][:8]
-    expected = exported["session"].run(None, {"images": load_graph_inputs(files, scale=exported["scale"])})[0]
+    expected = exported["session"].run(None, {"images": load_graph_inputs(files, test_scale=exported["test_scale"])})[0]
     for path, probs in zip(files, expected):
         response = classify(server, path.read_bytes(), name=path.name)
         assert response.status_code == 200, response.text
@@ -216,7 +216,7 @@ def generated_cases() -> list[tuple[str, bytes]]:
 
 @pytest.mark.parametrize(("case", "data"), generated_cases(), ids=[case for case, _ in generated_cases()])
 def test_every_format_and_mode_equals_direct_onnx_runtime(server, exported, case, data) -> None:
-    expected = direct_probs(exported, to_graph_input(open_rgb(data), exported["scale"]))
+    expected = direct_probs(exported, to_graph_input(open_rgb(data), exported["test_scale"]))
     response = classify(server, data, name=f"{case}.img")
     assert response.status_code == 200, response.text
     assert_answer_matches(response.json(), expected)
@@ -228,8 +228,8 @@ def test_exif_orientation_is_applied(server, exported) -> None:
     stored = upright.transpose(Image.Transpose.ROTATE_90)  # EXIF orientation 6 undoes this
     exif = Image.Exif()
     exif[0x0112] = 6
-    expected = direct_probs(exported, to_graph_input(upright, exported["scale"]))
-    unrotated = direct_probs(exported, to_graph_input(stored, exported["scale"]))
+    expected = direct_probs(exported, to_graph_input(upright, exported["test_scale"]))
+    unrotated = direct_probs(exported, to_graph_input(stored, exported["test_scale"]))
     assert not np.allclose(expected, unrotated, atol=1e-3)  # the test can tell the difference
     response = classify(server, encode(stored, "PNG", exif=exif), name="rotated.png")
     assert response.status_code == 200, response.text
@@ -246,8 +246,8 @@ def test_gif_first_frame(server, exported) -> None:
         first_decoded = gif.convert("RGB")
         gif.seek(1)
         second_decoded = gif.convert("RGB")
-    expected = direct_probs(exported, to_graph_input(first_decoded, exported["scale"]))
-    other = direct_probs(exported, to_graph_input(second_decoded, exported["scale"]))
+    expected = direct_probs(exported, to_graph_input(first_decoded, exported["test_scale"]))
+    other = direct_probs(exported, to_graph_input(second_decoded, exported["test_scale"]))
     assert not np.allclose(expected, other, atol=1e-3)
     response = classify(server, data, name="anim.gif")
     assert response.status_code == 200, response.text
@@ -257,7 +257,7 @@ def test_gif_first_frame(server, exported) -> None:
 @pytest.mark.parametrize("top_k", [1, 3, 10])
 def test_top_k(server, exported, top_k) -> None:
     image = noise_image((40, 40), seed=5)
-    expected = direct_probs(exported, to_graph_input(image, exported["scale"]))
+    expected = direct_probs(exported, to_graph_input(image, exported["test_scale"]))
     response = classify(server, encode(image, "PNG"), top_k=top_k)
     assert response.status_code == 200, response.text
     answer = response.json()
@@ -281,7 +281,7 @@ def test_classify_batch_keeps_order(server, exported) -> None:
     answers = response.json()
     assert len(answers) == len(images)
     for answer, image in zip(answers, images):
-        assert_answer_matches(answer, direct_probs(exported, to_graph_input(image, exported["scale"])))
+        assert_answer_matches(answer, direct_probs(exported, to_graph_input(image, exported["test_scale"])))
 
 
 def test_python_client(server, exported) -> None:
@@ -290,7 +290,7 @@ def test_python_client(server, exported) -> None:
     image = noise_image((45, 52), seed=13, colour=(90, 200, 120))
     path = exported["root"] / "client.png"
     image.save(path)
-    expected = direct_probs(exported, to_graph_input(image, exported["scale"]))
+    expected = direct_probs(exported, to_graph_input(image, exported["test_scale"]))
     with bentoml.SyncHTTPClient(server["url"]) as client:
         answer = client.classify(image=path, top_k=10)
         answers = client.classify_batch(images=[path, path], top_k=3)
@@ -321,7 +321,7 @@ def test_64_concurrent_requests_are_fused_into_fewer_onnx_runtime_calls(server, 
     responses = asyncio.run(send_all())
     for response, image in zip(responses, images):
         assert response.status_code == 200, response.text
-        assert_answer_matches(response.json(), direct_probs(exported, to_graph_input(image, exported["scale"])))
+        assert_answer_matches(response.json(), direct_probs(exported, to_graph_input(image, exported["test_scale"])))
     calls = metric(server, "vgg_inference_calls_total") - calls_before
     assert metric(server, "vgg_inference_images_total") - images_before == 64
     # How many fuse depends on arrival vs inference speed (the deterministic fusing check is
@@ -337,14 +337,14 @@ def test_the_images_of_one_batch_request_are_one_onnx_runtime_call(server, expor
     assert response.status_code == 200, response.text
     assert metric(server, "vgg_inference_calls_total") - calls_before == 1
     for answer, image in zip(response.json(), images):
-        assert_answer_matches(answer, direct_probs(exported, to_graph_input(image, exported["scale"])))
+        assert_answer_matches(answer, direct_probs(exported, to_graph_input(image, exported["test_scale"])))
 
 
 @pytest.mark.parametrize("size", [(1, 3_900_000), (3_900_000, 1)], ids=["tall", "wide"])
 def test_thin_image_is_answered_without_blowing_up_memory(server, exported, size) -> None:
     data = encode(Image.new("L", size, 90), "PNG")  # ~30 kB; resizing all of it would need terabytes
     assert len(data) < MAX_BODY_BYTES
-    expected = direct_probs(exported, np.full((exported["scale"], exported["scale"], 3), 90, dtype=np.uint8))
+    expected = direct_probs(exported, np.full((exported["test_scale"], exported["test_scale"], 3), 90, dtype=np.uint8))
     response = classify(server, data, name="thin.png")
     assert response.status_code == 200, response.text
     assert_answer_matches(response.json(), expected)
@@ -504,10 +504,10 @@ def test_server_is_healthy_after_everything(server, exported) -> None:
 def test_engine_from_onnx_path_reads_metadata(exported) -> None:
     files = resolve_model(str(exported["onnx"]))
     assert files.labels == CLASSES
-    assert files.scale == exported["scale"]
+    assert files.test_scale == exported["test_scale"]
     engine = Engine(files, device="cpu", intra_op_threads=1)
     assert engine.provider == "CPUExecutionProvider"
-    batch = np.random.default_rng(0).integers(0, 256, (3, files.scale, files.scale, 3), dtype=np.uint8)
+    batch = np.random.default_rng(0).integers(0, 256, (3, files.test_scale, files.test_scale, 3), dtype=np.uint8)
     expected = exported["session"].run(None, {"images": batch})[0]
     np.testing.assert_allclose(engine.run(batch), expected, rtol=0, atol=1e-6)
     with pytest.raises(EngineError, match="expected uint8"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -34,6 +35,68 @@ def dockerfile_pins() -> dict[str, str]:
 def bentofile_pins() -> dict[str, str]:
     packages = yaml.safe_load(BENTOFILE.read_text())["python"]["packages"]
     return {m.group(1).lower(): m.group(2) for p in packages if (m := PIN.match(p))}
+
+
+PROJECT_PACKAGES = ("vgg", "serving", "export", "training", "bench")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Project modules ``path`` imports anywhere in its code (not under ``if TYPE_CHECKING:``)."""
+    modules: set[str] = set()
+
+    class Imports(ast.NodeVisitor):
+        def visit_If(self, node: ast.If) -> None:
+            if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):
+                self.generic_visit(node)
+
+        def visit_Import(self, node: ast.Import) -> None:
+            modules.update(alias.name for alias in node.names)
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if node.module:
+                modules.add(node.module)
+                modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+
+    Imports().visit(ast.parse(path.read_text()))
+    return {m for m in modules if m.split(".")[0] in PROJECT_PACKAGES}
+
+
+def _files_of(module: str) -> list[str]:
+    """``vgg.store`` -> ``vgg/__init__.py`` and ``vgg/store.py`` (only files that exist)."""
+    parts = module.split(".")
+    candidates = [f"{'/'.join(parts[:i])}/__init__.py" for i in range(1, len(parts) + 1)]
+    candidates.append(f"{'/'.join(parts)}.py")
+    return [c for c in candidates if (REPO_ROOT / c).is_file()]
+
+
+def served_sources() -> set[str]:
+    """The project files ``service.py`` needs: it and everything it imports, directly or not."""
+    todo, seen = ["service.py"], set()
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(f for module in _imported_modules(REPO_ROOT / path) for f in _files_of(module))
+    return seen
+
+
+def _python_files(patterns: list[str]) -> set[str]:
+    found = set()
+    for pattern in patterns:
+        pattern = pattern + "**/*.py" if pattern.endswith("/") else pattern
+        found |= {p.relative_to(REPO_ROOT).as_posix() for p in REPO_ROOT.glob(pattern) if p.suffix == ".py"}
+    return found
+
+
+def test_bento_and_image_ship_exactly_what_the_service_imports() -> None:
+    served = served_sources()
+    assert {"service.py", "serving/engine.py", "vgg/preprocessing.py", "vgg/store.py"} <= served
+    assert not any(s.startswith(("export/", "training/", "bench/", "tests/")) for s in served)
+    assert _python_files(yaml.safe_load(BENTOFILE.read_text())["include"]) == served
+    copies = re.findall(r"^COPY --chown=\S+ (.+) \S+$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert _python_files([source for line in copies for source in line.split()]) == served
+    allowed = [line[1:] for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert _python_files(allowed) == served
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -78,7 +141,9 @@ def test_bentoml_build_makes_a_bento_that_imports_without_torch(tmp_path) -> Non
     assert re.search(r'Successfully built Bento\(tag="vgg:', result.stdout)
     (bento,) = (tmp_path / "home" / "bentos" / "vgg").glob("*/")
     sources = {p.relative_to(bento / "src").as_posix() for p in (bento / "src").rglob("*.py")}
-    assert {"service.py", "serving/engine.py", "vgg/preprocessing.py", "export/registry.py"} <= sources
+    assert {"service.py", "serving/engine.py", "vgg/preprocessing.py", "vgg/store.py"} <= sources
+    page_files = {p.name for p in (REPO_ROOT / "serving" / "static").iterdir()}
+    assert page_files and page_files == {p.name for p in (bento / "src" / "serving" / "static").iterdir()}
     assert not any(s.startswith("tests/") or s.startswith("training/") for s in sources)
     block_torch = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; import service; print(service.VGGClassifier)"
     imported = subprocess.run([sys.executable, "-c", block_torch], cwd=bento / "src", env=env,

@@ -234,6 +234,6 @@ def test_demo_run_reaches_95_percent_and_registers_the_served_model(tmp_path):
     assert best["metrics"]["val_top1"] >= 0.95, best["history"]
     assert best["config"]["batch_size"] == 256 and best["config"]["lr"] == 0.01
     assert Path(best["config"]["data"], "train").is_dir()  # export's int8 calibration reads it
-    check = subprocess.run([sys.executable, "-m", "export.registry", "--check"], cwd=REPO_ROOT,
+    check = subprocess.run([sys.executable, "-m", "vgg.store", "--check"], cwd=REPO_ROOT,
                            env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr

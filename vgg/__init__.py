@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from vgg.pretrain import init_from_shallower
 
 
-_SUBMODULES = ("checkpoint", "dense", "model", "preprocessing", "pretrain")
+_SUBMODULES = ("checkpoint", "dense", "errors", "model", "preprocessing", "pretrain", "store")
 
 
 def __getattr__(name: str) -> Any:

@@ -154,21 +154,21 @@ def _shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width * size / height)), size
 
 
-def to_graph_input(image: Image.Image, scale: int) -> np.ndarray:
-    """The exported graph's input for one image: ``[scale, scale, 3]`` uint8 RGB.
+def to_graph_input(image: Image.Image, test_scale: int) -> np.ndarray:
+    """The exported graph's input for one image: ``[Q, Q, 3]`` uint8 RGB (Q = ``test_scale``).
 
-    Shortest side to ``scale``, then the central ``scale x scale`` square: exactly
+    Shortest side to ``test_scale``, then the central ``Q x Q`` square: exactly
     :func:`center_crop` of :func:`resize_shortest_side`. Beyond a 4:1 aspect ratio only the
     source box that maps onto the square is resampled (same filter taps, within one grey
-    level), so memory stays bounded by ``scale`` even for a 1 x 8,000,000 image.
+    level), so memory stays bounded by ``test_scale`` even for a 1 x 8,000,000 image.
     """
     width, height = image.size
-    resized_width, resized_height = _shortest_side_size(width, height, scale)
-    if max(resized_width, resized_height) <= MAX_ASPECT_FOR_FULL_RESIZE * scale:
-        square = center_crop(resize_shortest_side(image, scale), scale)
+    resized_width, resized_height = _shortest_side_size(width, height, test_scale)
+    if max(resized_width, resized_height) <= MAX_ASPECT_FOR_FULL_RESIZE * test_scale:
+        square = center_crop(resize_shortest_side(image, test_scale), test_scale)
     else:
-        left, top = center_offset(resized_width, scale), center_offset(resized_height, scale)
+        left, top = center_offset(resized_width, test_scale), center_offset(resized_height, test_scale)
         x_ratio, y_ratio = width / resized_width, height / resized_height
-        box = (left * x_ratio, top * y_ratio, (left + scale) * x_ratio, (top + scale) * y_ratio)
-        square = image.resize((scale, scale), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(square, dtype=np.uint8).reshape(scale, scale, 3)
+        box = (left * x_ratio, top * y_ratio, (left + test_scale) * x_ratio, (top + test_scale) * y_ratio)
+        square = image.resize((test_scale, test_scale), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(square, dtype=np.uint8).reshape(test_scale, test_scale, 3)

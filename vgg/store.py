@@ -1,16 +1,20 @@
-"""The BentoML model store entry ``vgg:<version>``: write it in one step, find it, read it.
+"""The BentoML model store entry ``vgg:<version>``: register it in one step, find it, read it.
+
+Export writes entries, the service reads them; both use this module, and only BentoML's
+public API (``bentoml.models.create``/``get``/``list``, ``Model.path_of``/``info``/``tag``).
 
 An entry holds ``model.onnx`` (fp32, always), ``model.fp16.onnx`` / ``model.int8.onnx`` when
 exported with that precision, and ``classes.json``; its ``metadata`` has cfg, batch_norm,
-num_classes, scale, crop, mean, std, tta, precisions, checkpoint_sha256 and val_top1.
-The store is ``$BENTOML_HOME/models`` (default ``~/bentoml/models``), read at each call.
+num_classes, test_scale (Q), crop, mean, std, tta, precisions, checkpoint_sha256 and val_top1.
+The store is BentoML's, ``$BENTOML_HOME/models`` (default ``~/bentoml/models``); BentoML reads
+``$BENTOML_HOME`` once per process, when the store is first used.
 
-CLI: ``python -m export.registry --check`` exits 0 if a ``vgg`` model is registered, else 1.
+CLI: ``python -m vgg.store --check`` exits 0 if a ``vgg`` model is registered, else 1; without
+``--check`` it prints the latest entry's tag and metadata.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -18,15 +22,19 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from vgg.errors import OneLineArgumentParser
+
 __all__ = [
     "MODEL_NAME",
     "CLASSES_FILE",
     "ONNX_FILES",
+    "TEST_SCALE_KEY",
     "register",
     "latest_model",
     "has_model",
     "model_files",
     "model_classes",
+    "test_scale_key",
     "main",
 ]
 
@@ -34,6 +42,10 @@ MODEL_NAME = "vgg"
 CLASSES_FILE = "classes.json"
 # precision -> file name inside the store entry
 ONNX_FILES: dict[str, str] = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+# The test scale Q in the entry's metadata and in the ONNX file's metadata_props; models
+# exported before it was named so carry it as "scale".
+TEST_SCALE_KEY = "test_scale"
+_OLD_TEST_SCALE_KEY = "scale"
 
 
 def _bentoml():
@@ -44,18 +56,6 @@ def _bentoml():
     return bentoml
 
 
-def _store():
-    """The model store under ``$BENTOML_HOME`` read *now* (BentoML caches its own on first use,
-    so a test or CLI that changes ``BENTOML_HOME`` later would otherwise hit the old store)."""
-    _bentoml()
-    from bentoml._internal.models import ModelStore
-
-    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml").expanduser()
-    models = home / "models"
-    models.mkdir(parents=True, exist_ok=True)
-    return ModelStore(str(models))
-
-
 def register(*, files: Mapping[str, Path], labels: Mapping[str, str], metadata: Mapping[str, Any]) -> str:
     """Save ``files`` (name in the entry -> existing file) as a new ``vgg`` model; return its tag.
 
@@ -63,9 +63,7 @@ def register(*, files: Mapping[str, Path], labels: Mapping[str, str], metadata: 
     the ``with`` block ends without an exception, so a failed copy leaves nothing behind.
     """
     bentoml = _bentoml()
-    with bentoml.models.create(
-        name=MODEL_NAME, labels=dict(labels), metadata=dict(metadata), _model_store=_store()
-    ) as model:
+    with bentoml.models.create(name=MODEL_NAME, labels=dict(labels), metadata=dict(metadata)) as model:
         for name, source in files.items():
             shutil.copyfile(source, model.path_of(name))
     return str(model.tag)
@@ -73,14 +71,14 @@ def register(*, files: Mapping[str, Path], labels: Mapping[str, str], metadata: 
 
 def latest_model(tag: str = f"{MODEL_NAME}:latest"):
     """The ``bentoml.Model`` for ``tag`` (default ``vgg:latest``); raises ``bentoml.exceptions.NotFound``."""
-    return _bentoml().models.get(tag, _model_store=_store())
+    return _bentoml().models.get(tag)
 
 
 def has_model() -> bool:
     """Whether any ``vgg`` model is in the store."""
     bentoml = _bentoml()
     try:
-        return bool(bentoml.models.list(MODEL_NAME, _model_store=_store()))
+        return bool(bentoml.models.list(MODEL_NAME))
     except bentoml.exceptions.NotFound:
         return False
 
@@ -96,8 +94,14 @@ def model_classes(model) -> list[str]:
     return json.loads(Path(model.path_of(CLASSES_FILE)).read_text(encoding="utf-8"))
 
 
+def test_scale_key(metadata: Mapping[str, Any]) -> str:
+    """The key that holds the test scale Q in ``metadata`` (:data:`TEST_SCALE_KEY`, or the
+    older ``"scale"`` of a model exported before the rename)."""
+    return TEST_SCALE_KEY if TEST_SCALE_KEY in metadata or _OLD_TEST_SCALE_KEY not in metadata else _OLD_TEST_SCALE_KEY
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.registry", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m vgg.store", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 0 if a vgg model is registered, else 1")
     args = parser.parse_args(argv)
     if args.check:
