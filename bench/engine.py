@@ -89,9 +89,11 @@ def cpu_peak_gflops(threads: int) -> tuple[float, float, str]:
     int8_per_cycle = fp32_per_cycle * (4 if "avx512_vnni" in flags or "avx_vnni" in flags else 2)
     fp32 = threads * mhz / 1e3 * fp32_per_cycle
     int8 = threads * mhz / 1e3 * int8_per_cycle
-    how = (f"{threads} cores x {mhz / 1e3:.2f} GHz x {fp32_per_cycle} FLOP/cycle "
-           f"({'AVX-512' if lanes == 16 else 'AVX2' if lanes == 8 else 'SSE'}, 2 FMA units assumed"
-           f"{', VNNI int8 x4' if int8_per_cycle == 4 * fp32_per_cycle else ''})")
+    how = (
+        f"{threads} cores x {mhz / 1e3:.2f} GHz x {fp32_per_cycle} FLOP/cycle "
+        f"({'AVX-512' if lanes == 16 else 'AVX2' if lanes == 8 else 'SSE'}, 2 FMA units assumed"
+        f"{', VNNI int8 x4' if int8_per_cycle == 4 * fp32_per_cycle else ''})"
+    )
     return fp32, int8, how
 
 
@@ -100,7 +102,7 @@ def images_per_second(run, images: np.ndarray, *, batch: int, iters: int, warmup
         run(images[:batch])
     start = time.perf_counter()
     for i in range(iters):
-        run(images[(i * batch) % len(images):][:batch])
+        run(images[(i * batch) % len(images) :][:batch])
     return batch * iters / (time.perf_counter() - start)
 
 
@@ -112,12 +114,15 @@ def cpu_session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def export_graph(model, *, crop: int, test_scale: int, half: bool, path: Path) -> Path:
-    graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=crop, test_scale=test_scale,
-                           tta="five", half=half)
+    graph = InferenceGraph(
+        model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=crop, test_scale=test_scale, tta="five", half=half
+    )
     with contextlib.redirect_stdout(io.StringIO()):
         proto = to_onnx(graph)
     # Enough metadata for the service to serve the file (bench/serve.py --model PATH).
-    set_metadata(proto, {"test_scale": test_scale, "crop": crop, "tta": "five", "precision": "fp16" if half else "fp32"})
+    set_metadata(
+        proto, {"test_scale": test_scale, "crop": crop, "tta": "five", "precision": "fp16" if half else "fp32"}
+    )
     return save_onnx(proto, path, full_check=False)
 
 
@@ -146,16 +151,28 @@ def bench_cuda(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_
     on_device = torch.from_numpy(images).to(device)
     results = {}
     for precision, half in (("fp32", False), ("fp16", True)):
-        graph = InferenceGraph(model, mean=IMAGENET_MEAN_RGB, std=IMAGENET_STD_RGB, crop=args.crop, test_scale=args.test_scale,
-                               tta="five", half=half).to(device).eval()
+        graph = (
+            InferenceGraph(
+                model,
+                mean=IMAGENET_MEAN_RGB,
+                std=IMAGENET_STD_RGB,
+                crop=args.crop,
+                test_scale=args.test_scale,
+                tta="five",
+                half=half,
+            )
+            .to(device)
+            .eval()
+        )
 
         def torch_run(batch, graph=graph):
             with torch.inference_mode():
                 graph(on_device[: len(batch)])
             torch.cuda.synchronize()
 
-        results[f"PyTorch eager {precision}"] = images_per_second(torch_run, images, batch=args.batch,
-                                                                  iters=args.iters, warmup=2)
+        results[f"PyTorch eager {precision}"] = images_per_second(
+            torch_run, images, batch=args.batch, iters=args.iters, warmup=2
+        )
         del graph
     for precision in ("fp32", "fp16"):
         sess = cuda_session(paths[precision])
@@ -169,16 +186,19 @@ def bench_cuda(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_
             sess.run_with_iobinding(binding)
             binding.synchronize_outputs()
 
-        results[f"ORT CUDA {precision} (IO binding)"] = images_per_second(ort_run, images, batch=args.batch,
-                                                                          iters=args.iters, warmup=2)
+        results[f"ORT CUDA {precision} (IO binding)"] = images_per_second(
+            ort_run, images, batch=args.batch, iters=args.iters, warmup=2
+        )
     print(f"{'engine':32s} {'images/s':>9s} {'crops/s':>9s} {'TFLOP/s':>8s}")
     for name, rate in results.items():
         print(f"{name:32s} {rate:9.1f} {rate * CROPS_PER_IMAGE:9.1f} {rate * macs_per_image * 2 / 1e12:8.2f}")
     for precision in ("fp32", "fp16"):
         ratio = results[f"ORT CUDA {precision} (IO binding)"] / results[f"PyTorch eager {precision}"]
         print(f"ratio ORT CUDA {precision} / PyTorch eager {precision}: {ratio:.2f}")
-    print(f"ratio ORT CUDA fp16 / ORT CUDA fp32: "
-          f"{results['ORT CUDA fp16 (IO binding)'] / results['ORT CUDA fp32 (IO binding)']:.2f}")
+    print(
+        f"ratio ORT CUDA fp16 / ORT CUDA fp32: "
+        f"{results['ORT CUDA fp16 (IO binding)'] / results['ORT CUDA fp32 (IO binding)']:.2f}"
+    )
     return results
 
 
@@ -194,8 +214,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--no-cuda", action="store_true")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU engines (the GPU part only)")
-    parser.add_argument("--save-dir", type=Path, default=None,
-                        help="keep the exported graphs here (model.onnx, model.fp16.onnx) for bench/serve.py")
+    parser.add_argument(
+        "--save-dir",
+        type=Path,
+        default=None,
+        help="keep the exported graphs here (model.onnx, model.fp16.onnx) for bench/serve.py",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     args.threads = args.threads or physical_cores()
@@ -213,48 +237,79 @@ def main(argv: list[str] | None = None) -> int:
     macs_per_image = macs_per_crop * CROPS_PER_IMAGE
     images = random_images(max(args.batch * 2, args.calibration), test_scale=args.test_scale, seed=1)
     fp32_peak, int8_peak, how = cpu_peak_gflops(args.threads)
-    print(f"VGG-{args.cfg}, FiveCrop {args.crop} from {args.test_scale}x{args.test_scale}: {macs_per_crop / 1e9:.2f} GMAC/crop, "
-          f"batch {args.batch}, {args.iters} timed runs, {args.threads} threads, {platform.processor() or platform.machine()}")
-    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}; CPU peak estimate: {fp32_peak:.0f} GFLOP/s fp32, "
-          f"{int8_peak:.0f} GOP/s int8 = {how}")
+    print(
+        f"VGG-{args.cfg}, FiveCrop {args.crop} from {args.test_scale}x{args.test_scale}: "
+        f"{macs_per_crop / 1e9:.2f} GMAC/crop, batch {args.batch}, {args.iters} timed runs, {args.threads} threads, "
+        f"{platform.processor() or platform.machine()}"
+    )
+    print(
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}; CPU peak estimate: {fp32_peak:.0f} GFLOP/s fp32, "
+        f"{int8_peak:.0f} GOP/s int8 = {how}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="vgg-bench-") as scratch:
         folder = args.save_dir or Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
-        paths = {"fp32": export_graph(model, crop=args.crop, test_scale=args.test_scale, half=False, path=folder / "model.onnx")}
-        results = {} if args.no_cpu else bench_cpu(model, paths, images, args=args, macs_per_image=macs_per_image,
-                                                    peaks=(fp32_peak, int8_peak))
+        paths = {
+            "fp32": export_graph(
+                model, crop=args.crop, test_scale=args.test_scale, half=False, path=folder / "model.onnx"
+            )
+        }
+        results = (
+            {}
+            if args.no_cpu
+            else bench_cpu(model, paths, images, args=args, macs_per_image=macs_per_image, peaks=(fp32_peak, int8_peak))
+        )
         cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
         if args.save_dir or (cuda and not args.no_cuda):
-            paths["fp16"] = export_graph(model, crop=args.crop, test_scale=args.test_scale, half=True,
-                                         path=folder / "model.fp16.onnx")
+            paths["fp16"] = export_graph(
+                model, crop=args.crop, test_scale=args.test_scale, half=True, path=folder / "model.fp16.onnx"
+            )
         if cuda and not args.no_cuda:
             results |= bench_cuda(model, paths, images, args=args, macs_per_image=macs_per_image)
         else:
             print("\nno CUDA GPU (or no CUDA provider): GPU path skipped")
     if args.json:
-        args.json.write_text(json.dumps({
-            "cfg": args.cfg, "crop": args.crop, "test_scale": args.test_scale, "batch": args.batch, "iters": args.iters,
-            "crops_per_image": CROPS_PER_IMAGE, "gmac_per_crop": macs_per_crop / 1e9, "threads": args.threads,
-            "torch": torch.__version__, "onnxruntime": ort.__version__,
-            "images_per_s": {name: round(rate, 2) for name, rate in results.items()},
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "cfg": args.cfg,
+                    "crop": args.crop,
+                    "test_scale": args.test_scale,
+                    "batch": args.batch,
+                    "iters": args.iters,
+                    "crops_per_image": CROPS_PER_IMAGE,
+                    "gmac_per_crop": macs_per_crop / 1e9,
+                    "threads": args.threads,
+                    "torch": torch.__version__,
+                    "onnxruntime": ort.__version__,
+                    "images_per_s": {name: round(rate, 2) for name, rate in results.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 
-def bench_cpu(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_per_image: float,
-              peaks: tuple[float, float]) -> dict[str, float]:
+def bench_cpu(
+    model, paths: dict[str, Path], images: np.ndarray, *, args, macs_per_image: float, peaks: tuple[float, float]
+) -> dict[str, float]:
     """ORT CPU (fp32, int8) vs PyTorch eager on the CPU, with the share of the estimated peak."""
     if not args.no_int8:
         from export.quantize import quantize_int8
 
-        paths["int8"] = quantize_int8(paths["fp32"], paths["fp32"].with_name("model.int8.onnx"),
-                                      calibration_images=images[: args.calibration])
+        paths["int8"] = quantize_int8(
+            paths["fp32"], paths["fp32"].with_name("model.int8.onnx"), calibration_images=images[: args.calibration]
+        )
     mean, std = IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
     results = {
         "pytorch eager reference": images_per_second(
             lambda b: reference_probs(model, b, mean=mean, std=std, crop=args.crop, tta="five"),
-            images, batch=args.batch, iters=args.iters),
+            images,
+            batch=args.batch,
+            iters=args.iters,
+        ),
     }
     eager = InferenceGraph(model, mean=mean, std=std, crop=args.crop, test_scale=args.test_scale, tta="five").eval()
 
@@ -266,7 +321,8 @@ def bench_cpu(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_p
     for precision in [name for name in ("fp32", "int8") if name in paths]:
         sess = cpu_session(paths[precision], args.threads)
         results[f"ORT CPU {precision}"] = images_per_second(
-            lambda b, sess=sess: sess.run(None, {"images": b}), images, batch=args.batch, iters=args.iters)
+            lambda b, sess=sess: sess.run(None, {"images": b}), images, batch=args.batch, iters=args.iters
+        )
 
     fp32_peak, int8_peak = peaks
     print(f"\n{'engine':32s} {'images/s':>9s}  {'GFLOP/s':>8s}  {'of peak':>7s}")
@@ -276,10 +332,13 @@ def bench_cpu(model, paths: dict[str, Path], images: np.ndarray, *, args, macs_p
         print(f"{name:32s} {rate:9.2f}  {gflops:8.1f}  {gflops / peak:7.1%}")
     reference = results["pytorch eager reference"]
     print(f"\nratio ORT fp32 / PyTorch eager reference: {results['ORT CPU fp32'] / reference:.2f} (target >= 2.0)")
-    print(f"ratio ORT fp32 / PyTorch eager batched:   {results['ORT CPU fp32'] / results['pytorch eager batched graph']:.2f}")
+    batched = results["ORT CPU fp32"] / results["pytorch eager batched graph"]
+    print(f"ratio ORT fp32 / PyTorch eager batched:   {batched:.2f}")
     if "ORT CPU int8" in results:
-        print(f"ratio ORT int8 / ORT fp32:                {results['ORT CPU int8'] / results['ORT CPU fp32']:.2f} "
-              f"(target >= 2.5 with AVX512-VNNI)")
+        print(
+            f"ratio ORT int8 / ORT fp32:                {results['ORT CPU int8'] / results['ORT CPU fp32']:.2f} "
+            f"(target >= 2.5 with AVX512-VNNI)"
+        )
     return results
 
 

@@ -26,9 +26,16 @@ propcache protobuf psutil pygments pyparsing pytest python-dateutil pyyaml regex
 setuptools six sympy tabulate torch torchvision tqdm triton typing-extensions urllib3 wrapt yarl zipp
 """.split()
 
-ENVIRONMENT = {**default_environment(), "python_version": "3.12", "python_full_version": "3.12.3",
-               "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-               "implementation_name": "cpython", "extra": ""}
+ENVIRONMENT = {
+    **default_environment(),
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "implementation_name": "cpython",
+    "extra": "",
+}
 
 
 def wheel_requirements(wheel: Path) -> tuple[str, list[Requirement]]:
@@ -36,8 +43,9 @@ def wheel_requirements(wheel: Path) -> tuple[str, list[Requirement]]:
         metadata = next(name for name in archive.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", name))
         text = archive.read(metadata).decode("utf-8", errors="replace")
     name = re.search(r"^Name: (.+)$", text, re.M).group(1).strip()
-    requirements = [Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines()
-                    if line.startswith("Requires-Dist:")]
+    requirements = [
+        Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines() if line.startswith("Requires-Dist:")
+    ]
     return canonicalize_name(name), [r for r in requirements if r.marker is None or r.marker.evaluate(ENVIRONMENT)]
 
 

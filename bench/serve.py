@@ -36,8 +36,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from serving.engine import Engine, EngineError, ModelFiles, resolve_model  # noqa: E402
 from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
+from serving.engine import Engine, EngineError, ModelFiles, resolve_model  # noqa: E402
 from vgg.preprocessing import open_rgb, to_graph_input  # noqa: E402
 
 IMAGENETTE = REPO_ROOT.parent / "shared" / "data" / "imagenette" / "train"
@@ -100,15 +100,31 @@ def tiny_model(workdir: Path) -> Path:
         "arch": {"cfg": "A", "batch_norm": False, "num_classes": 10, "dropout": 0.5, "fc_width": 256},
         "model": model.state_dict(),
         "classes": [f"class_{i}" for i in range(10)],
-        "preprocess": {"mean": [124.0, 116.0, 104.0], "std": [58.0, 57.0, 57.5], "pca_eigval": [1.0, 0.5, 0.1],
-                       "pca_eigvec": np.eye(3).tolist(), "crop": 64, "test_scale": 73},
+        "preprocess": {
+            "mean": [124.0, 116.0, 104.0],
+            "std": [58.0, 57.0, 57.5],
+            "pca_eigval": [1.0, 0.5, 0.1],
+            "pca_eigvec": np.eye(3).tolist(),
+            "crop": 64,
+            "test_scale": 73,
+        },
         "metrics": {"epoch": 0, "val_top1": 0.0, "val_top5": 0.0},
         "config": {"data": None, "cfg": "A"},
     }
     save_checkpoint(checkpoint, workdir / "tiny.pt")
     out = workdir / "model.onnx"
-    command = [sys.executable, "-m", "export", "--checkpoint", str(workdir / "tiny.pt"), "--tta", "center",
-               "--out", str(out), "--no-register"]
+    command = [
+        sys.executable,
+        "-m",
+        "export",
+        "--checkpoint",
+        str(workdir / "tiny.pt"),
+        "--tta",
+        "center",
+        "--out",
+        str(out),
+        "--no-register",
+    ]
     subprocess.run(command, cwd=REPO_ROOT, check=True)
     return out
 
@@ -177,7 +193,7 @@ def bench_http(name: str, url: str, payloads: list[bytes], args: argparse.Namesp
             http_load(url, payloads, concurrency=concurrency, requests=args.requests, time_limit=args.time_limit)
         )
         if before is not None:
-            images, calls = (after - earlier for after, earlier in zip(inference_batches(url), before))
+            images, calls = (after - earlier for after, earlier in zip(inference_batches(url), before, strict=True))
             result.mean_batch = images / calls if calls else float("nan")
         result.target = name
         results.append(result)
@@ -218,9 +234,12 @@ def bench_engine(files: ModelFiles, payloads: list[bytes], args: argparse.Namesp
 
 
 def print_row(result: Result) -> None:
-    print(f"{result.target:8s} {result.concurrency:4d} {result.completed:6d} {result.errors:6d} "
-          f"{result.throughput:10.1f} {result.percentile(50):9.1f} {result.percentile(99):9.1f}"
-          + (f"  (mean batch {result.mean_batch:.1f})" if result.mean_batch is not None else ""), flush=True)
+    print(
+        f"{result.target:8s} {result.concurrency:4d} {result.completed:6d} {result.errors:6d} "
+        f"{result.throughput:10.1f} {result.percentile(50):9.1f} {result.percentile(99):9.1f}"
+        + (f"  (mean batch {result.mean_batch:.1f})" if result.mean_batch is not None else ""),
+        flush=True,
+    )
 
 
 def print_targets(results: list[Result], *, high: int, low: int) -> None:
@@ -228,12 +247,16 @@ def print_targets(results: list[Result], *, high: int, low: int) -> None:
     print("\ntargets")
     if all((t, high) in by for t in ("service", "engine", "naive")):
         ratio = by["service", high].throughput / by["engine", high].throughput
-        print(f"  c={high}: service/engine throughput {ratio:.2f} (target >= 0.90): {'met' if ratio >= 0.9 else 'MISSED'}")
+        print(
+            f"  c={high}: service/engine throughput {ratio:.2f} (target >= 0.90): {'met' if ratio >= 0.9 else 'MISSED'}"
+        )
         naive = by["service", high].throughput / by["naive", high].throughput
         print(f"  c={high}: service/naive throughput {naive:.2f} (target > 1): {'met' if naive > 1 else 'MISSED'}")
     if all((t, low) in by for t in ("service", "engine")):
         gap = by["service", low].percentile(50) - by["engine", low].percentile(50)
-        print(f"  c={low}: service p50 - engine p50 = {gap:.1f} ms (target <= 15 ms): {'met' if gap <= 15 else 'MISSED'}")
+        print(
+            f"  c={low}: service p50 - engine p50 = {gap:.1f} ms (target <= 15 ms): {'met' if gap <= 15 else 'MISSED'}"
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -248,8 +271,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most")
     parser.add_argument("--json", type=Path, default=None, help="also write every row to this JSON file")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the servers' logs here (default: discarded)")
-    parser.add_argument("--targets", nargs="+", choices=("service", "naive", "engine"),
-                        default=["service", "naive", "engine"])
+    parser.add_argument(
+        "--targets", nargs="+", choices=("service", "naive", "engine"), default=["service", "naive", "engine"]
+    )
     return parser.parse_args(argv)
 
 
@@ -267,17 +291,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         payloads = load_payloads(args.images, 64)
-        env = {**os.environ, "VGG_MODEL": str(files.onnx_path), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        print(f"model {files.tag} ({files.onnx_path.name}, {files.test_scale}x{files.test_scale}), {len(payloads)} images; "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+        env = {
+            **os.environ,
+            "VGG_MODEL": str(files.onnx_path),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        print(
+            f"model {files.tag} ({files.onnx_path.name}, {files.test_scale}x{files.test_scale}), "
+            f"{len(payloads)} images; "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        )
         print(f"{'target':8s} {'c':>4s} {'done':>6s} {'errors':>6s} {'images/s':>10s} {'p50 ms':>9s} {'p99 ms':>9s}")
         results: list[Result] = []
         if "engine" in args.targets:
             results += bench_engine(files, payloads, args)
         servers = {
             "service": bentoml_serve_command,
-            "naive": lambda port: [sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--host", "127.0.0.1",
-                                   "--port", str(port), "--log-level", "warning"],
+            "naive": lambda port: [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.naive_server:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
         }
         for name in ("service", "naive"):
             if name not in args.targets:
@@ -288,16 +329,33 @@ def main(argv: list[str] | None = None) -> int:
                 results += bench_http(name, url, payloads, args)
         print_targets(results, high=max(args.concurrency), low=min(args.concurrency))
     if args.json:
-        args.json.write_text(json.dumps({"model": files.tag, "graph": files.onnx_path.name, "scale": files.scale,
-                                         "images": len(payloads), "rows": [row_dict(r) for r in results]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "model": files.tag,
+                    "graph": files.onnx_path.name,
+                    "test_scale": files.test_scale,
+                    "images": len(payloads),
+                    "rows": [row_dict(r) for r in results],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 
 def row_dict(result: Result) -> dict:
-    return {"target": result.target, "concurrency": result.concurrency, "completed": result.completed,
-            "errors": result.errors, "images_per_s": round(result.throughput, 2),
-            "p50_ms": round(result.percentile(50), 2), "p99_ms": round(result.percentile(99), 2),
-            "mean_batch": None if result.mean_batch is None else round(result.mean_batch, 2)}
+    return {
+        "target": result.target,
+        "concurrency": result.concurrency,
+        "completed": result.completed,
+        "errors": result.errors,
+        "images_per_s": round(result.throughput, 2),
+        "p50_ms": round(result.percentile(50), 2),
+        "p99_ms": round(result.percentile(99), 2),
+        "mean_batch": None if result.mean_batch is None else round(result.mean_batch, 2),
+    }
 
 
 if __name__ == "__main__":

@@ -70,8 +70,9 @@ def our_images_per_second(model, batches, device: torch.device, *, amp: bool, ch
     optimizer = sgd(model)
     sync(device)
     start = time.perf_counter()
-    train_one_epoch(model, batches, optimizer, device=device, amp=amp, channels_last=channels_last, epoch=0,
-                    show_progress=False)
+    train_one_epoch(
+        model, batches, optimizer, device=device, amp=amp, channels_last=channels_last, epoch=0, show_progress=False
+    )
     sync(device)
     return sum(len(labels) for _, labels in batches) / (time.perf_counter() - start)
 
@@ -83,13 +84,28 @@ def jpeg_loader(folder: Path, *, batch: int, size: int, workers: int, device: to
     from vgg.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
     _, samples = list_image_folder(folder)
-    stats = Stats(mean=list(IMAGENET_MEAN_RGB), std=list(IMAGENET_STD_RGB), pca_eigval=[0.2, 0.02, 0.005],
-                  pca_eigvec=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
-    preset = TrainPreset(scale_range=(round(size * 256 / 224), round(size * 256 / 224)), crop=size, stats=stats,
-                         pca_std=0.1, augment=True)
+    stats = Stats(
+        mean=list(IMAGENET_MEAN_RGB),
+        std=list(IMAGENET_STD_RGB),
+        pca_eigval=[0.2, 0.02, 0.005],
+        pca_eigvec=[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+    )
+    preset = TrainPreset(
+        scale_range=(round(size * 256 / 224), round(size * 256 / 224)),
+        crop=size,
+        stats=stats,
+        pca_std=0.1,
+        augment=True,
+    )
     return torch.utils.data.DataLoader(
-        ImageDataset(samples, preset), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", collate_fn=collate_skipping, persistent_workers=workers > 0,
+        ImageDataset(samples, preset),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_skipping,
+        persistent_workers=workers > 0,
     ), len(samples)
 
 
@@ -106,16 +122,34 @@ class Batches:
         return itertools.islice(self.batches, self.steps)
 
 
-def loader_images_per_second(model, loader, device: torch.device, *, steps: int, amp: bool, channels_last: bool) -> float:
+def loader_images_per_second(
+    model, loader, device: torch.device, *, steps: int, amp: bool, channels_last: bool
+) -> float:
     """Our step fed by ``loader`` (cycled, batches fetched inside the timed loop), after two warm-up steps."""
     batches = (collated.batch for epoch in itertools.count() for collated in loader)
     optimizer = sgd(model)
-    train_one_epoch(model, Batches(batches, 2), optimizer, device=device, amp=amp, channels_last=channels_last,
-                    epoch=0, show_progress=False)
+    train_one_epoch(
+        model,
+        Batches(batches, 2),
+        optimizer,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        epoch=0,
+        show_progress=False,
+    )
     sync(device)
     start = time.perf_counter()
-    stats = train_one_epoch(model, Batches(batches, steps), optimizer, device=device, amp=amp,
-                            channels_last=channels_last, epoch=0, show_progress=False)
+    stats = train_one_epoch(
+        model,
+        Batches(batches, steps),
+        optimizer,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        epoch=0,
+        show_progress=False,
+    )
     sync(device)
     return stats.images / (time.perf_counter() - start)
 
@@ -153,28 +187,50 @@ def main() -> None:
     if args.data is not None:
         loader, count = jpeg_loader(args.data, batch=args.batch, size=args.size, workers=args.workers, device=device)
         median["ours bf16, JPEG loader"] = loader_images_per_second(
-            ours_fast, loader, device, steps=args.steps * args.rounds, amp=True, channels_last=on_gpu)
+            ours_fast, loader, device, steps=args.steps * args.rounds, amp=True, channels_last=on_gpu
+        )
         print(f"JPEG loader: {count} images from {args.data}, {args.workers} workers")
 
-    print(f"device {device}, VGG-16 (D), batch {args.batch}, input {args.size}x{args.size}, "
-          f"{args.steps} steps x {args.rounds} rounds (median)")
+    print(
+        f"device {device}, VGG-16 (D), batch {args.batch}, input {args.size}x{args.size}, "
+        f"{args.steps} steps x {args.rounds} rounds (median)"
+    )
     for name, value in median.items():
         print(f"  {name:16s} {value:8.1f} img/s")
     if on_gpu:
-        print(f"ratio ours (bf16 AMP + channels_last) / reference fp32: {median['ours bf16'] / median['reference fp32']:.2f}"
-              "  (target >= 2.0)")
+        print(
+            "ratio ours (bf16 AMP + channels_last) / reference fp32: "
+            f"{median['ours bf16'] / median['reference fp32']:.2f}"
+            "  (target >= 2.0)"
+        )
     else:
-        print(f"ratio ours fp32 / reference fp32: {median['ours fp32'] / median['reference fp32']:.2f}  (target >= 1.0)")
+        print(
+            f"ratio ours fp32 / reference fp32: {median['ours fp32'] / median['reference fp32']:.2f}  (target >= 1.0)"
+        )
         print(f"bf16 autocast gain (ours bf16 / ours fp32): {median['ours bf16'] / median['ours fp32']:.2f}")
     if "ours bf16, JPEG loader" in median:
-        print(f"ratio JPEG loader / in-memory batches (ours bf16): {median['ours bf16, JPEG loader'] / median['ours bf16']:.2f}"
-              "  (1.0: the loader keeps up)")
+        print(
+            "ratio JPEG loader / in-memory batches (ours bf16): "
+            f"{median['ours bf16, JPEG loader'] / median['ours bf16']:.2f}"
+            "  (1.0: the loader keeps up)"
+        )
     if args.json:
-        args.json.write_text(json.dumps({
-            "device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "batch": args.batch, "size": args.size,
-            "steps": args.steps, "rounds": args.rounds, "workers": args.workers if args.data else None,
-            "torch": torch.__version__, "images_per_s": {name: round(value, 1) for name, value in median.items()},
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+                    "batch": args.batch,
+                    "size": args.size,
+                    "steps": args.steps,
+                    "rounds": args.rounds,
+                    "workers": args.workers if args.data else None,
+                    "torch": torch.__version__,
+                    "images_per_s": {name: round(value, 1) for name, value in median.items()},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

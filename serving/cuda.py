@@ -78,7 +78,9 @@ def preload_cuda_libraries() -> tuple[str, ...]:
     if major is None:
         return ()
     folders = _nvidia_library_dirs()
-    candidates = [path for pattern in _LIBRARIES for folder in folders for path in sorted(folder.glob(pattern.format(cuda=major)))]
+    candidates = [
+        path for pattern in _LIBRARIES for folder in folders for path in sorted(folder.glob(pattern.format(cuda=major)))
+    ]
     loaded: list[str] = []
     for _ in range(2):  # a second pass loads what needed a library found later in the list
         for path in candidates:
@@ -110,8 +112,13 @@ def _missing_provider_dependency() -> str | None:
     """The first shared library the CUDA provider needs that cannot be loaded, as the
     loader's one-line reason."""
     major = _ort_cuda_major() or "13"
-    for soname in (f"libcudart.so.{major}", f"libcublasLt.so.{major}", f"libcublas.so.{major}", "libcurand.so.10",
-                   "libcudnn.so.9"):
+    for soname in (
+        f"libcudart.so.{major}",
+        f"libcublasLt.so.{major}",
+        f"libcublas.so.{major}",
+        "libcurand.so.10",
+        "libcudnn.so.9",
+    ):
         try:
             ctypes.CDLL(soname)
         except OSError as error:

@@ -99,8 +99,11 @@ def test_a_missing_provider_library_is_named(monkeypatch):
 def test_preload_finds_pip_installed_libraries_on_sys_path(tmp_path, monkeypatch):
     """A site-packages folder that is not ORT's own (``pip install --target``) is searched too:
     its ``nvidia/*/lib`` libraries are loaded by full path, cuBLASLt before cuBLAS."""
-    real_library = next(Path(p) for p in ("/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/x86_64-linux-gnu/libz.so.1",
-                                          "/lib64/libz.so.1") if Path(p).exists())
+    real_library = next(
+        Path(p)
+        for p in ("/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib64/libz.so.1")
+        if Path(p).exists()
+    )
     lib = tmp_path / "site" / "nvidia" / "cu13" / "lib"
     cudnn = tmp_path / "site" / "nvidia" / "cudnn" / "lib"
     lib.mkdir(parents=True)
@@ -139,10 +142,13 @@ def test_cuda_session_without_torch_in_the_process():
     """The service's processes never import torch: the CUDA provider must work on its own."""
     if os.environ.get("VGG_CHECK_DEVICE", "cuda") != "cuda":
         pytest.skip("a dry run on the CPU")
-    code = ("import sys; from serving.cuda import cuda_problem; problem = cuda_problem(); "
-            "assert 'torch' not in sys.modules; print(problem)")
+    code = (
+        "import sys; from serving.cuda import cuda_problem; problem = cuda_problem(); "
+        "assert 'torch' not in sys.modules; print(problem)"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "None", result.stdout + result.stderr[-2000:]

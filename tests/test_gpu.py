@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import vgg
-from tests.export_helpers import peaky_model, write_checkpoint
-from serving.engine import Engine, ModelFiles, resolve_model
 from bench.launch import bentoml_serve_command, free_port, running_server
+from serving.engine import Engine, ModelFiles, resolve_model
+from tests.export_helpers import peaky_model, write_checkpoint
 from tests.training_helpers import write_folder
 from vgg.preprocessing import open_rgb, to_graph_input
 
@@ -32,8 +32,23 @@ pytestmark = pytest.mark.gpu
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class_{index}" for index in range(10)]
-TINY = ["--cfg", "A", "--fc-width", "32", "--scale", "36", "--crop", "32", "--batch-size", "16",
-        "--stats-images", "50", "--workers", "0", "--no-export"]
+TINY = [
+    "--cfg",
+    "A",
+    "--fc-width",
+    "32",
+    "--scale",
+    "36",
+    "--crop",
+    "32",
+    "--batch-size",
+    "16",
+    "--stats-images",
+    "50",
+    "--workers",
+    "0",
+    "--no-export",
+]
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +89,12 @@ def graphs(checkpoint) -> ModelFiles:
     from export import export_checkpoint
 
     fp32 = export_checkpoint(checkpoint, tta="five", register=False, out=checkpoint.with_name("model.onnx"))
-    fp16 = export_checkpoint(checkpoint, tta="five", precision="fp16", register=False,
-                             out=checkpoint.with_name("model.fp16.onnx"))
-    return dataclasses.replace(resolve_model(str(fp32.onnx_path)),
-                               graphs={"fp32": fp32.onnx_path, "fp16": fp16.onnx_path})
+    fp16 = export_checkpoint(
+        checkpoint, tta="five", precision="fp16", register=False, out=checkpoint.with_name("model.fp16.onnx")
+    )
+    return dataclasses.replace(
+        resolve_model(str(fp32.onnx_path)), graphs={"fp32": fp32.onnx_path, "fp16": fp16.onnx_path}
+    )
 
 
 def decisive(probs: np.ndarray, margin: float = 0.05) -> np.ndarray:
@@ -87,7 +104,7 @@ def decisive(probs: np.ndarray, margin: float = 0.05) -> np.ndarray:
 
 
 def test_cuda_engine_matches_the_cpu_engine(graphs, real_jpegs, device):
-    images = np.stack([to_graph_input(open_rgb(path), graphs.scale) for path in real_jpegs])
+    images = np.stack([to_graph_input(open_rgb(path), graphs.test_scale) for path in real_jpegs])
     cpu = Engine(graphs, device="cpu", precision="fp32", intra_op_threads=2)
     expected = cpu.run(images)
     fp32 = Engine(graphs, device=device.type, precision="fp32")
@@ -109,18 +126,26 @@ def test_service_on_the_gpu_answers_like_the_cpu_engine(checkpoint, graphs, real
     """A model registered with fp32 + fp16 graphs; ``bentoml serve`` with ``VGG_REQUIRE_GPU=1``
     serves the fp16 graph on CUDA; its labels for real JPEGs are the CPU engine's (fp32)."""
     cpu = Engine(graphs, device="cpu", precision="fp32", intra_op_threads=2)
-    expected = cpu.run(np.stack([to_graph_input(open_rgb(path), graphs.scale) for path in real_jpegs]))
+    expected = cpu.run(np.stack([to_graph_input(open_rgb(path), graphs.test_scale) for path in real_jpegs]))
     env = env_with_repo(BENTOML_HOME=str(tmp_path / "bentoml"), VGG_REQUIRE_GPU="1" if device.type == "cuda" else "0")
     env.pop("VGG_MODEL", None)
-    exported = subprocess.run([sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--precision", "fp16"],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    exported = subprocess.run(
+        [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--precision", "fp16"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert exported.returncode == 0, exported.stderr[-2000:]
     port = free_port()
     log = tmp_path / "server.log"
     with running_server(bentoml_serve_command(port), port=port, env=env, log_path=log, timeout_s=300) as (url, _):
         with httpx.Client(base_url=url, timeout=120) as client:
-            answers = [client.post("/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
-                       for path in real_jpegs]
+            answers = [
+                client.post("/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+                for path in real_jpegs
+            ]
     assert [answer.status_code for answer in answers] == [200] * len(answers)
     labels = np.array([CLASSES.index(answer.json()["label"]) for answer in answers])
     sure = decisive(expected)
@@ -140,8 +165,16 @@ def test_bf16_channels_last_training_steps_lower_the_loss(device):
     with torch.no_grad():
         before = F.cross_entropy(model.eval()(images.to(device)), labels.to(device)).item()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=5e-4)
-    stats = train_one_epoch(model, [(images, labels)] * 8, optimizer, device=device, amp=True, channels_last=True,
-                            epoch=1, show_progress=False)
+    stats = train_one_epoch(
+        model,
+        [(images, labels)] * 8,
+        optimizer,
+        device=device,
+        amp=True,
+        channels_last=True,
+        epoch=1,
+        show_progress=False,
+    )
     with torch.no_grad():
         after = F.cross_entropy(model.eval()(images.to(device)), labels.to(device)).item()
     assert np.isfinite(stats.loss) and after < before
@@ -156,17 +189,24 @@ def tiny_data(tmp_path) -> Path:
 
 
 def run_training(args: list[str], tmp_path: Path, *, torchrun: bool = False) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"] if torchrun \
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+        if torchrun
         else [sys.executable]
+    )
     env = env_with_repo(VGG_CACHE=str(tmp_path / "cache"), BENTOML_HOME=str(tmp_path / "bentoml"))
-    return subprocess.run([*launcher, "-m", "training.run", *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [*launcher, "-m", "training.run", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_torchrun_one_process_runs_an_epoch_with_a_process_group(tiny_data, tmp_path, device):
     out = tmp_path / "run"
-    result = run_training([*TINY, "--data", str(tiny_data), "--epochs", "1", "--amp", "--device", device.type,
-                           "--out", str(out)], tmp_path, torchrun=True)
+    result = run_training(
+        [*TINY, "--data", str(tiny_data), "--epochs", "1", "--amp", "--device", device.type, "--out", str(out)],
+        tmp_path,
+        torchrun=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     backend = "nccl" if device.type == "cuda" else "gloo"
     assert f"device {device.type}" in result.stderr and f"(process group: {backend})" in result.stderr
@@ -178,8 +218,7 @@ def test_resume_on_the_device_continues(tiny_data, tmp_path, device):
     common = [*TINY, "--data", str(tiny_data), "--amp", "--device", device.type, "--out", str(out)]
     first = run_training([*common, "--epochs", "1"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_training(["--resume", "--out", str(out), "--epochs", "2", "--device", device.type],
-                          tmp_path)
+    second = run_training(["--resume", "--out", str(out), "--epochs", "2", "--device", device.type], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming" in second.stderr
     assert len((out / "metrics.csv").read_text().splitlines()) == 3  # header + two epochs

@@ -22,8 +22,14 @@ import gpu_requirements  # noqa: E402
 def test_gpu_check_dry_run_writes_the_whole_report(tmp_path):
     out = tmp_path / "report"
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "VGG_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == f"report: {out / 'gpu_check.md'}"
     report = json.loads((out / "gpu_check.json").read_text())
@@ -32,8 +38,10 @@ def test_gpu_check_dry_run_writes_the_whole_report(tmp_path):
     assert list(steps) == ["machine", "torch-tests", "train-speed", "ort", "ort-tests", "engine-speed", "serve-speed"]
     assert all(step["ok"] for step in steps.values())
     assert "passed" in steps["torch-tests"]["tail"] and "passed" in steps["ort-tests"]["tail"]
-    assert steps["train-speed"]["figures"]["images_per_s"]["ours bf16, JPEG loader"] > 0 or \
-        not (REPO_ROOT.parent / "shared" / "data").is_dir()
+    assert (
+        steps["train-speed"]["figures"]["images_per_s"]["ours bf16, JPEG loader"] > 0
+        or not (REPO_ROOT.parent / "shared" / "data").is_dir()
+    )
     assert steps["engine-speed"]["figures"]["images_per_s"]["ORT CPU fp32"] > 0
     rows = steps["serve-speed"]["figures"]["rows"]
     assert {row["target"] for row in rows} == {"service", "naive", "engine"}
@@ -41,8 +49,14 @@ def test_gpu_check_dry_run_writes_the_whole_report(tmp_path):
     markdown = (out / "gpu_check.md").read_text()
     assert markdown.startswith("# GPU check (DRY RUN") and markdown.count("\n## ") == 7
     # A second run reuses every finished step.
-    again = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=REPO_ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--dry-run", "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and again.stdout.count("done earlier") == 7
 
 
@@ -53,8 +67,11 @@ def fake_wheel(folder: Path, name: str, requires: list[str]) -> None:
 
 
 def test_requirements_met_by_carried_wheels_or_the_gpu_image(tmp_path):
-    fake_wheel(tmp_path, "serving_thing", ["Starlette>=0.3", "numpy", "tomli; python_version < '3.11'",
-                                           "extra-only; extra == 'docs'"])
+    fake_wheel(
+        tmp_path,
+        "serving_thing",
+        ["Starlette>=0.3", "numpy", "tomli; python_version < '3.11'", "extra-only; extra == 'docs'"],
+    )
     fake_wheel(tmp_path, "starlette", ["anyio"])
     assert gpu_requirements.missing(tmp_path) == {}  # numpy, anyio: on the image; tomli, extra: not needed
     fake_wheel(tmp_path, "other", ["pydantic-core==2.0"])
