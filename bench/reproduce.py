@@ -25,6 +25,7 @@ so the held-out images are never trained on. Results: ``--out``/results.{json,md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
@@ -35,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -181,6 +183,18 @@ def _errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """No TF32 in CUDA convolutions and matrix products while inside (PyTorch allows it in
+    cuDNN convolutions by default), so an fp32 pass computes what the served fp32 graph does."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def evaluate_checkpoint(path: str, val: list[Sample], *, test_scale: int, scale_range: tuple[int, int],
                         batch: int, amp: bool, device: torch.device) -> tuple[dict, list[int]]:
     """Top-1/top-5 errors for each test-time protocol, and the fp32 FiveCrop predictions.
@@ -199,17 +213,18 @@ def evaluate_checkpoint(path: str, val: list[Sample], *, test_scale: int, scale_
     scales = dense_scales(scale_range, pre["crop"])
     dense = {q: InferenceGraph(model, test_scale=q, tta="dense", **common).to(device) for q in scales}
     probs: dict[str, list[torch.Tensor]] = {name: [] for name in ("center", "five", "ten", "dense", "five_fp32")}
-    for start in range(0, len(val), batch):
-        images = [open_rgb(path) for path, _ in val[start : start + batch]]
-        at_q = torch.from_numpy(np.stack([to_graph_input(image, test_scale) for image in images])).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            probs["center"].append(center(at_q))
-            probs["five"].append(five(at_q))
-            probs["ten"].append((probs["five"][-1] + five(at_q.flip(2))) / 2)  # NHWC: dim 2 is the width
-            dense_probs = [graph(torch.from_numpy(np.stack([to_graph_input(im, q) for im in images])).to(device))
-                           for q, graph in dense.items()]
-            probs["dense"].append(torch.stack(dense_probs).mean(dim=0))  # posteriors averaged over scales
-        probs["five_fp32"].append(five(at_q) if amp else probs["five"][-1])
+    with strict_fp32():  # the served graph computes fp32 without TF32 (ORT: use_tf32=0)
+        for start in range(0, len(val), batch):
+            images = [open_rgb(path) for path, _ in val[start : start + batch]]
+            at_q = torch.from_numpy(np.stack([to_graph_input(image, test_scale) for image in images])).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                probs["center"].append(center(at_q))
+                probs["five"].append(five(at_q))
+                probs["ten"].append((probs["five"][-1] + five(at_q.flip(2))) / 2)  # NHWC: dim 2 is the width
+                dense_probs = [graph(torch.from_numpy(np.stack([to_graph_input(im, q) for im in images])).to(device))
+                               for q, graph in dense.items()]
+                probs["dense"].append(torch.stack(dense_probs).mean(dim=0))  # posteriors averaged over scales
+            probs["five_fp32"].append(five(at_q) if amp else probs["five"][-1])
     labels = torch.tensor([label for _, label in val])
     stacked = {name: torch.cat(chunks).float().cpu() for name, chunks in probs.items()}
     errors = {name: _errors(stacked[name], labels) for name in ("center", "five", "ten", "dense")}

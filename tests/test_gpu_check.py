@@ -76,3 +76,18 @@ def test_requirements_met_by_carried_wheels_or_the_gpu_image(tmp_path):
     assert gpu_requirements.missing(tmp_path) == {}  # numpy, anyio: on the image; tomli, extra: not needed
     fake_wheel(tmp_path, "other", ["pydantic-core==2.0"])
     assert gpu_requirements.missing(tmp_path) == {"pydantic-core": ["other"]}
+
+
+def test_reproduce_strict_fp32_turns_tf32_off_and_restores_it():
+    import torch
+
+    import reproduce
+
+    defaults = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        with reproduce.strict_fp32():
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = defaults
