@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "bench"))
+from bench import gpu_requirements
 
-import gpu_requirements  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -81,7 +79,7 @@ def test_requirements_met_by_carried_wheels_or_the_gpu_image(tmp_path):
 def test_reproduce_strict_fp32_turns_tf32_off_and_restores_it():
     import torch
 
-    import reproduce
+    from bench import reproduce
 
     defaults = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
