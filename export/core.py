@@ -133,9 +133,12 @@ def _check_source(path: Path, checkpoint: dict[str, Any], model: Any, *, mean: l
     if not MIN_CROP <= crop <= MAX_SCALE:
         raise ExportError(f"{path}: preprocess crop is {crop}, must be between {MIN_CROP} and {MAX_SCALE}")
     outputs = int(checkpoint["arch"]["num_classes"])
-    if len(classes) != outputs or len(set(classes)) != len(classes):
-        raise ExportError(f"{path}: {len(classes)} class names ({len(set(classes))} distinct) for a "
-                          f"{outputs}-output classifier; the checkpoint is inconsistent")
+    if len(classes) != outputs:
+        raise ExportError(f"{path}: {len(classes)} class names for a {outputs}-output classifier; "
+                          "the checkpoint is inconsistent")
+    if len(set(classes)) != len(classes):  # ImageNet-1k's own names repeat "crane" and "maillot"
+        logger.warning("%s: %d class names, %d distinct; answers name classes by index too", path.name,
+                       len(classes), len(set(classes)))
     bad = next((name for name, tensor in model.state_dict().items()
                 if tensor.is_floating_point() and not bool(tensor.isfinite().all())), None)
     if bad is not None:

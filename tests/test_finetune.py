@@ -19,8 +19,22 @@ from vgg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from vgg.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
 # A light VGG-A on 32x32 crops; the source state dicts below share its architecture.
-TINY = ["--scale", "36", "--crop", "32", "--batch-size", "16", "--stats-images", "20", "--no-amp", "--workers", "0",
-        "--no-export", "--epochs", "1"]
+TINY = [
+    "--scale",
+    "36",
+    "--crop",
+    "32",
+    "--batch-size",
+    "16",
+    "--stats-images",
+    "20",
+    "--no-amp",
+    "--workers",
+    "0",
+    "--no-export",
+    "--epochs",
+    "1",
+]
 FC_WIDTH = 32
 HEAD = {"classifier.6.weight", "classifier.6.bias"}
 
@@ -65,8 +79,11 @@ def test_copies_every_fitting_tensor_and_reports_exactly_those(tmp_path, caplog,
     config = finetune.configure(TrainConfig(finetune_from=str(tmp_path / "source.safetensors")), source, given=set())
     with caplog.at_level(logging.INFO, logger="training.finetune"):
         model, init = build_model(config, num_classes=3, source=source)
-    copied = {key for key, value in model.state_dict().items()
-              if value.shape == state[key].shape and torch.equal(value, state[key])}
+    copied = {
+        key
+        for key, value in model.state_dict().items()
+        if value.shape == state[key].shape and torch.equal(value, state[key])
+    }
     expected_fresh = HEAD if num_classes != 3 else set()
     assert copied == set(state) - expected_fresh  # every conv, BatchNorm and hidden FC tensor; the head if it fits
     assert model.classifier[6].weight.shape == (3, FC_WIDTH)
@@ -83,14 +100,20 @@ def test_defaults_come_from_the_source_unless_given(tmp_path):
     config = finetune.configure(TrainConfig(), source, given=set())
     assert (config.cfg, config.batch_norm, config.fc_width, config.lr) == ("A", True, FC_WIDTH, 1e-3)
     assert (source.mean, source.std) == (list(IMAGENET_MEAN_RGB), list(IMAGENET_STD_RGB))
-    given = finetune.configure(TrainConfig(cfg="A", lr=0.02, batch_norm=True), source, given={"cfg", "lr", "batch_norm"})
+    given = finetune.configure(
+        TrainConfig(cfg="A", lr=0.02, batch_norm=True), source, given={"cfg", "lr", "batch_norm"}
+    )
     assert (given.lr, given.cfg) == (0.02, "A")
 
 
 def test_project_checkpoint_source_keeps_its_normalisation(tmp_path):
-    checkpoint = {"format": CHECKPOINT_FORMAT, "arch": {"cfg": "A", "batch_norm": True, "num_classes": 5, "fc_width": FC_WIDTH},
-                  "model": source_state(), "classes": list("abcde"),
-                  "preprocess": {"mean": [10.0, 20.0, 30.0], "std": [40.0, 50.0, 60.0], "crop": 32, "test_scale": 36}}
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": {"cfg": "A", "batch_norm": True, "num_classes": 5, "fc_width": FC_WIDTH},
+        "model": source_state(),
+        "classes": list("abcde"),
+        "preprocess": {"mean": [10.0, 20.0, 30.0], "std": [40.0, 50.0, 60.0], "crop": 32, "test_scale": 36},
+    }
     save_checkpoint(checkpoint, tmp_path / "best.pt")
     source = finetune.load_source(str(tmp_path / "best.pt"))
     assert (source.mean, source.std, source.arch["cfg"]) == ([10.0, 20.0, 30.0], [40.0, 50.0, 60.0], "A")
@@ -104,8 +127,10 @@ def test_finetune_run_with_frozen_features_keeps_them_and_trains_a_new_head(tmp_
     state = source_state(num_classes=5)
     path = write_safetensors(state, tmp_path / "vgg_a.safetensors")
     out = tmp_path / "run"
-    assert cli([*TINY, "--data", str(tiny_data), "--finetune-from", str(path), "--freeze-features",
-                "--out", str(out)]) == 0
+    assert (
+        cli([*TINY, "--data", str(tiny_data), "--finetune-from", str(path), "--freeze-features", "--out", str(out)])
+        == 0
+    )
     checkpoint = load_checkpoint(out / "best.pt")
     model = checkpoint["model"]
     for key, value in state.items():
@@ -113,7 +138,13 @@ def test_finetune_run_with_frozen_features_keeps_them_and_trains_a_new_head(tmp_
             assert torch.equal(model[key], value), key
     assert model["classifier.6.weight"].shape == (3, FC_WIDTH)
     assert not torch.equal(model["classifier.0.weight"], state["classifier.0.weight"])  # the FC layers trained
-    assert checkpoint["arch"] == {"cfg": "A", "batch_norm": True, "num_classes": 3, "dropout": 0.5, "fc_width": FC_WIDTH}
+    assert checkpoint["arch"] == {
+        "cfg": "A",
+        "batch_norm": True,
+        "num_classes": 3,
+        "dropout": 0.5,
+        "fc_width": FC_WIDTH,
+    }
     assert checkpoint["preprocess"]["mean"] == list(IMAGENET_MEAN_RGB)  # the source's normalisation
     assert checkpoint["preprocess"]["std"] == list(IMAGENET_STD_RGB)
     assert checkpoint["config"]["lr"] == 1e-3 and checkpoint["config"]["freeze_features"]
@@ -126,8 +157,22 @@ def test_scale_finetune_from_a_run_checkpoint_trains_every_layer(tmp_path, tiny_
     first = tmp_path / "s36"
     assert cli(["--cfg", "A", "--fc-width", str(FC_WIDTH), *TINY, "--data", str(tiny_data), "--out", str(first)]) == 0
     second = tmp_path / "s44"
-    assert cli([*TINY, "--data", str(tiny_data), "--finetune-from", str(first / "best.pt"), "--scale", "44",
-                "--out", str(second)]) == 0
+    assert (
+        cli(
+            [
+                *TINY,
+                "--data",
+                str(tiny_data),
+                "--finetune-from",
+                str(first / "best.pt"),
+                "--scale",
+                "44",
+                "--out",
+                str(second),
+            ]
+        )
+        == 0
+    )
     before, after = load_checkpoint(first / "best.pt"), load_checkpoint(second / "best.pt")
     assert after["config"]["scale"] == [44] and after["config"]["lr"] == 1e-3
     assert after["preprocess"]["mean"] == before["preprocess"]["mean"]
@@ -138,17 +183,23 @@ def test_scale_finetune_from_a_run_checkpoint_trains_every_layer(tmp_path, tiny_
 # ---------------------------------------------------------------- one-line errors
 
 
-@pytest.mark.parametrize("case, words", [
-    ("other_cfg", "is VGG-A with BatchNorm (fc width 32), which does not match --cfg D (to pre-initialise a deeper net "
-                  "from VGG-A, use --init-from)"),
-    ("other_batch_norm", "does not match --batch-norm False"),
-    ("other_fc_width", "does not match --fc-width 64"),
-    ("with_init_from", "give --finetune-from or --init-from, not both"),
-    ("freeze_alone", "--freeze-features needs --finetune-from"),
-    ("missing_file", "--finetune-from"),
-    ("garbage_file", "not a readable checkpoint"),
-    ("not_vgg", "matches no VGG configuration"),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        (
+            "other_cfg",
+            "is VGG-A with BatchNorm (fc width 32), which does not match --cfg D (to pre-initialise a deeper net "
+            "from VGG-A, use --init-from)",
+        ),
+        ("other_batch_norm", "does not match --batch-norm False"),
+        ("other_fc_width", "does not match --fc-width 64"),
+        ("with_init_from", "give --finetune-from or --init-from, not both"),
+        ("freeze_alone", "--freeze-features needs --finetune-from"),
+        ("missing_file", "--finetune-from"),
+        ("garbage_file", "not a readable checkpoint"),
+        ("not_vgg", "matches no VGG configuration"),
+    ],
+)
 def test_mismatches_give_one_line_and_exit_2(tmp_path, tiny_data, capsys, case, words):
     path = write_safetensors(source_state(), tmp_path / "a.safetensors")
     flags = {

@@ -66,19 +66,31 @@ def random_torchvision_vgg(name: str, *, seed: int) -> torch.nn.Module:
 def torchvision_probs(model: torch.nn.Module, files: list[Path]) -> np.ndarray:
     """torchvision's evaluation pipeline for its ImageNet weights (PIL path, as its references)."""
     preset = WEIGHTS.transforms()
-    pipeline = transforms.Compose([
-        transforms.Resize(preset.resize_size[0]),
-        transforms.CenterCrop(preset.crop_size[0]),
-        transforms.ToTensor(),
-        transforms.Normalize(preset.mean, preset.std),
-    ])
+    pipeline = transforms.Compose(
+        [
+            transforms.Resize(preset.resize_size[0]),
+            transforms.CenterCrop(preset.crop_size[0]),
+            transforms.ToTensor(),
+            transforms.Normalize(preset.mean, preset.std),
+        ]
+    )
     batch = torch.stack([pipeline(Image.open(path).convert("RGB")) for path in files])
     return torch.softmax(model(batch).double(), dim=1).numpy()
 
 
 def export(checkpoint: Path, *, home: Path, out: Path, register: bool) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--tta", "center", "--out", str(out),
-               *([] if register else ["--no-register"])]
+    command = [
+        sys.executable,
+        "-m",
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        "--tta",
+        "center",
+        "--out",
+        str(out),
+        *([] if register else ["--no-register"]),
+    ]
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -114,13 +126,20 @@ def served_vgg16_bn(tmp_path_factory, photos):
     home = root / "bentoml"
     result = export(weights, home=home, out=root / "vgg16_bn.onnx", register=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO_ROOT),
-           # a full VGG-16 on a 2-core CI machine: warm up batches of 1 and 2 only, and never shed load
-           "VGG_MAX_BATCH_SIZE": "2", "VGG_MAX_LATENCY_MS": "600000"}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "PYTHONPATH": str(REPO_ROOT),
+        # a full VGG-16 on a 2-core CI machine: warm up batches of 1 and 2 only, and never shed load
+        "VGG_MAX_BATCH_SIZE": "2",
+        "VGG_MAX_LATENCY_MS": "600000",
+    }
     env.pop("VGG_MODEL", None)
     port = free_port()
-    with running_server(bentoml_serve_command(port), port=port, env=env, log_path=root / "server.log",
-                        timeout_s=600) as (url, _):
+    with running_server(
+        bentoml_serve_command(port), port=port, env=env, log_path=root / "server.log", timeout_s=600
+    ) as (url, _):
         with httpx.Client(base_url=url, timeout=120.0) as client:
             yield {"client": client, "expected": expected}
 

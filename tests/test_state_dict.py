@@ -53,8 +53,9 @@ def write_state(state: dict, path: Path) -> Path:
 
 
 def convert_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vgg.checkpoint", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vgg.checkpoint", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 # ---------------------------------------------------------------- inference of the configuration
@@ -65,8 +66,13 @@ def test_every_torchvision_vgg_is_recognised(name):
     with torch.device("meta"):  # shapes only: no memory, no init time
         state = getattr(torchvision.models, name)().state_dict()
     arch = infer_arch(state)
-    assert arch == {"cfg": TORCHVISION_CFG[name.removesuffix("_bn")], "batch_norm": name.endswith("_bn"),
-                    "num_classes": 1000, "dropout": 0.5, "fc_width": 4096}
+    assert arch == {
+        "cfg": TORCHVISION_CFG[name.removesuffix("_bn")],
+        "batch_norm": name.endswith("_bn"),
+        "num_classes": 1000,
+        "dropout": 0.5,
+        "fc_width": 4096,
+    }
 
 
 @pytest.mark.parametrize("cfg", vgg.CONFIG_NAMES)
@@ -90,14 +96,21 @@ def test_batch_norm_files_without_batch_counters_are_accepted(tmp_path):
 # ---------------------------------------------------------------- both formats, the converter
 
 
-@pytest.mark.parametrize("suffix, cfg, batch_norm", [(".pth", "A", False), (".safetensors", "C", True),
-                                                     (".pt", "A-LRN", False)])
+@pytest.mark.parametrize(
+    "suffix, cfg, batch_norm", [(".pth", "A", False), (".safetensors", "C", True), (".pt", "A-LRN", False)]
+)
 def test_converted_checkpoint_computes_what_the_state_dict_computes(tmp_path, suffix, cfg, batch_norm):
     state, model = small_state(cfg, batch_norm=batch_norm)
     labels = [f"kind {i}" for i in range(10)]
     checkpoint = load_any(write_state(state, tmp_path / f"weights{suffix}"), labels=labels)
     assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["classes"] == labels
-    assert checkpoint["arch"] == {"cfg": cfg, "batch_norm": batch_norm, "num_classes": 10, "dropout": 0.5, "fc_width": 16}
+    assert checkpoint["arch"] == {
+        "cfg": cfg,
+        "batch_norm": batch_norm,
+        "num_classes": 10,
+        "dropout": 0.5,
+        "fc_width": 16,
+    }
     assert checkpoint["preprocess"]["mean"] == pytest.approx([0.485 * 255, 0.456 * 255, 0.406 * 255])
     assert checkpoint["preprocess"]["std"] == pytest.approx([0.229 * 255, 0.224 * 255, 0.225 * 255])
     assert (checkpoint["preprocess"]["crop"], checkpoint["preprocess"]["test_scale"]) == (224, 256)
@@ -110,14 +123,22 @@ def test_thousand_classes_get_imagenet_names_in_index_order(tmp_path):
     state, _ = small_state(num_classes=1000)
     classes = load_any(write_state(state, tmp_path / "in1k.safetensors"))["classes"]
     assert len(classes) == 1000
-    assert (classes[0], classes[1], classes[207], classes[999]) == ("tench", "goldfish", "golden retriever",
-                                                                     "toilet tissue")
+    assert (classes[0], classes[1], classes[207], classes[999]) == (
+        "tench",
+        "goldfish",
+        "golden retriever",
+        "toilet tissue",
+    )
 
 
 def test_wrapped_half_precision_and_ddp_prefixed_state_dicts_are_read(tmp_path):
     state, model = small_state()
-    wrapped = {"epoch": 3, "state_dict": {f"module.{key}": value.half() if value.is_floating_point() else value
-                                          for key, value in state.items()}}
+    wrapped = {
+        "epoch": 3,
+        "state_dict": {
+            f"module.{key}": value.half() if value.is_floating_point() else value for key, value in state.items()
+        },
+    }
     checkpoint = load_any(write_state(wrapped, tmp_path / "wrapped.pth"), labels=[str(i) for i in range(10)])
     assert all(value.dtype == torch.float32 for key, value in checkpoint["model"].items() if "num_batches" not in key)
     torch.testing.assert_close(checkpoint["model"]["features.0.weight"], state["features.0.weight"].half().float())
@@ -226,8 +247,21 @@ def bad_file(tmp_path: Path, case: str) -> tuple[list[str], str]:
     return ["--from-state-dict", str(path), "--labels", str(labels)], words
 
 
-BAD_CASES = ["missing", "directory", "garbage", "truncated_safetensors", "code_in_pickle", "not_tensors", "resnet",
-             "wrong_shape", "missing_key", "extra_key", "no_labels", "label_count", "labels_missing"]
+BAD_CASES = [
+    "missing",
+    "directory",
+    "garbage",
+    "truncated_safetensors",
+    "code_in_pickle",
+    "not_tensors",
+    "resnet",
+    "wrong_shape",
+    "missing_key",
+    "extra_key",
+    "no_labels",
+    "label_count",
+    "labels_missing",
+]
 
 
 def assert_one_line(stderr: str, words: str) -> None:
@@ -261,9 +295,15 @@ def test_export_gives_one_line_and_exit_2(tmp_path, capfd, case):
 
     args, words = bad_file(tmp_path, case)
     checkpoint = args[args.index("--from-state-dict") + 1]
-    labels = args[args.index("--labels") + 1:] if "--labels" in args else []
-    command = ["--checkpoint", checkpoint, *(["--labels", *labels] if labels else []),
-               "--out", str(tmp_path / "m.onnx"), "--no-register"]
+    labels = args[args.index("--labels") + 1 :] if "--labels" in args else []
+    command = [
+        "--checkpoint",
+        checkpoint,
+        *(["--labels", *labels] if labels else []),
+        "--out",
+        str(tmp_path / "m.onnx"),
+        "--no-register",
+    ]
     assert main(command) == 2
     assert_one_line(capfd.readouterr().err, words)
 
@@ -293,7 +333,8 @@ def test_constants_are_torchvision_s():
 def test_state_dict_exports_int8_with_calibration_and_registers(tmp_path):
     from PIL import Image
 
-    from export import export_checkpoint, registry
+    from export import export_checkpoint
+    from vgg import store
 
     state, _ = small_state(num_classes=4)
     weights = write_state(state, tmp_path / "four.safetensors")
@@ -304,11 +345,24 @@ def test_state_dict_exports_int8_with_calibration_and_registers(tmp_path):
     for index in range(6):
         size = (int(rng.integers(250, 400)), int(rng.integers(250, 400)))
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(calibration / f"{index}.png")
-    result = export_checkpoint(weights, tta="center", precision="int8", labels=tmp_path / "labels.txt",
-                               calibration=calibration, calibration_count=3, agreement_count=3, min_agreement=0.0)
+    result = export_checkpoint(
+        weights,
+        tta="center",
+        precision="int8",
+        labels=tmp_path / "labels.txt",
+        calibration=calibration,
+        calibration_count=3,
+        agreement_count=3,
+        min_agreement=0.0,
+    )
     assert result.checks["fp32_max_abs_diff"] <= 1e-4 and result.checks["int8_agreement_images"] == 3
-    entry = registry.latest_model()
-    assert registry.model_classes(entry) == ["ant", "bee", "cat", "dog"]
+    entry = store.latest_model()
+    assert store.model_classes(entry) == ["ant", "bee", "cat", "dog"]
     metadata = entry.info.metadata
-    assert (metadata["cfg"], metadata["scale"], metadata["crop"], metadata["precisions"]) == ("A", 256, 224, ["fp32", "int8"])
+    assert (metadata["cfg"], metadata["test_scale"], metadata["crop"], metadata["precisions"]) == (
+        "A",
+        256,
+        224,
+        ["fp32", "int8"],
+    )
     assert metadata["mean"] == pytest.approx(list(IMAGENET_MEAN_RGB)) and "val_top1" not in metadata

@@ -32,14 +32,26 @@ from training.config import TrainConfig
 from training.transforms import Stats
 from vgg.checkpoint import CheckpointError, load_any
 
-__all__ = ["FINETUNE_LR", "FinetuneError", "Source", "load_source", "configure", "copy_weights", "freeze_features",
-           "source_stats"]
+__all__ = [
+    "FINETUNE_LR",
+    "FinetuneError",
+    "Source",
+    "load_source",
+    "configure",
+    "copy_weights",
+    "freeze_features",
+    "source_stats",
+]
 
 log = logging.getLogger(__name__)
 
 FINETUNE_LR = 1e-3  # section 3.1: the S = 384 net, initialised from S = 256, "with lr 1e-3"
 # (TrainConfig field, flag, arch key): what the fine-tuned net inherits from the source.
-INHERITED = (("cfg", "--cfg", "cfg"), ("batch_norm", "--batch-norm", "batch_norm"), ("fc_width", "--fc-width", "fc_width"))
+INHERITED = (
+    ("cfg", "--cfg", "cfg"),
+    ("batch_norm", "--batch-norm", "batch_norm"),
+    ("fc_width", "--fc-width", "fc_width"),
+)
 
 
 class FinetuneError(ValueError):
@@ -69,8 +81,13 @@ def load_source(path: str) -> Source:
         raise FinetuneError(f"--finetune-from {error}") from None
     arch, preprocess = checkpoint["arch"], checkpoint["preprocess"]
     try:
-        return Source(path=str(path), arch=dict(arch), state=checkpoint["model"],
-                      mean=[float(v) for v in preprocess["mean"]], std=[float(v) for v in preprocess["std"]])
+        return Source(
+            path=str(path),
+            arch=dict(arch),
+            state=checkpoint["model"],
+            mean=[float(v) for v in preprocess["mean"]],
+            std=[float(v) for v in preprocess["std"]],
+        )
     except (KeyError, TypeError, ValueError) as error:
         raise FinetuneError(f"--finetune-from {path}: malformed checkpoint ({type(error).__name__}: {error})") from None
 
@@ -87,8 +104,10 @@ def configure(config: TrainConfig, source: Source, *, given: set[str]) -> TrainC
         value = source.arch.get(key)
         if field in given and getattr(config, field) != value:
             hint = " (to pre-initialise a deeper net from VGG-A, use --init-from)" if field == "cfg" else ""
-            raise FinetuneError(f"--finetune-from {source.path} is {source.name} (fc width {source.arch.get('fc_width')}), "
-                                f"which does not match {flag} {getattr(config, field)}{hint}")
+            raise FinetuneError(
+                f"--finetune-from {source.path} is {source.name} (fc width {source.arch.get('fc_width')}), "
+                f"which does not match {flag} {getattr(config, field)}{hint}"
+            )
         changes[field] = value
     if "lr" not in given:
         changes["lr"] = FINETUNE_LR
@@ -132,5 +151,7 @@ def freeze_features(model: nn.Module) -> None:
         parameter.requires_grad_(False)
     features.train = _stay_in_eval.__get__(features)  # model.train() calls each child's train()
     features.eval()
-    log.info("--freeze-features: training only the FC layers (%d conv-stack tensors frozen)",
-             sum(1 for _ in features.parameters()))
+    log.info(
+        "--freeze-features: training only the FC layers (%d conv-stack tensors frozen)",
+        sum(1 for _ in features.parameters()),
+    )

@@ -38,7 +38,6 @@ from vgg.model import CONFIG_NAMES, FC_WIDTH, VGG, build
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
-    "Weights",
     "save_checkpoint",
     "load_checkpoint",
     "model_from_checkpoint",
@@ -47,7 +46,7 @@ __all__ = [
     "imagenet_classes",
     "read_labels",
     "checkpoint_from_state_dict",
-    "read_weights",
+    "torchvision_preprocess",
     "load_any",
 ]
 
@@ -85,8 +84,10 @@ def _unsafe_reason(error: pickle.UnpicklingError) -> str:
     own message suggests loading it unsafely, which must not be repeated as advice)."""
     named = re.search(r"(?:GLOBAL|global) '?([\w.]+)", str(error))
     found = f" (it references {named.group(1)})" if named else ""
-    return (f"it holds Python objects other than tensors and plain data{found}, and unpickling them could run "
-            "code; only checkpoints and state dicts of tensors are accepted")
+    return (
+        f"it holds Python objects other than tensors and plain data{found}, and unpickling them could run "
+        "code; only checkpoints and state dicts of tensors are accepted"
+    )
 
 
 def _read_file(path: Path, *, map_location: str | torch.device = "cpu") -> Any:
@@ -189,8 +190,10 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _is_tensor_dict(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and all(
-        isinstance(key, str) and isinstance(tensor, torch.Tensor) for key, tensor in value.items()
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(isinstance(key, str) and isinstance(tensor, torch.Tensor) for key, tensor in value.items())
     )
 
 
@@ -224,7 +227,9 @@ def _shape(value: torch.Tensor) -> tuple[int, ...]:
 
 
 def _first_misfit(
-    state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], name: str,
+    state: dict[str, torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    name: str,
 ) -> tuple[tuple[int, int], str | None]:
     """((keys that fit before the first misfit, keys that fit in all), a one-line misfit or None)."""
     fits = sum(1 for key, shape in expected.items() if key in state and _shape(state[key]) == shape)
@@ -243,7 +248,9 @@ def _first_misfit(
 
 def _head_size(state: dict[str, torch.Tensor], key: str, default: int) -> int:
     value = state.get(key)
-    return int(value.shape[0]) if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[0] > 0 else default
+    return (
+        int(value.shape[0]) if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[0] > 0 else default
+    )
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -253,18 +260,27 @@ def infer_arch(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     (compared with the configuration that fits longest).
     """
     if not any(key.startswith("features.") for key in state):
-        raise CheckpointError(f"not a VGG checkpoint or torchvision-layout VGG state dict: no 'features.N' keys "
-                              f"(first key {next(iter(state))!r})")
+        raise CheckpointError(
+            f"not a VGG checkpoint or torchvision-layout VGG state dict: no 'features.N' keys "
+            f"(first key {next(iter(state))!r})"
+        )
     batch_norm = any(key.startswith("features.") and key.endswith(".running_mean") for key in state)
     num_classes = _head_size(state, "classifier.6.weight", IMAGENET_CLASS_COUNT)
     fc_width = _head_size(state, "classifier.0.weight", FC_WIDTH)
     closest: tuple[tuple[int, int], str] = ((-1, -1), "")
     for cfg in CONFIG_NAMES:
         name = f"{cfg}{' with BatchNorm' if batch_norm else ''}"
-        fitted, misfit = _first_misfit(state, _expected_shapes(cfg, batch_norm=batch_norm, num_classes=num_classes,
-                                                                fc_width=fc_width), name)
+        fitted, misfit = _first_misfit(
+            state, _expected_shapes(cfg, batch_norm=batch_norm, num_classes=num_classes, fc_width=fc_width), name
+        )
         if misfit is None:
-            return {"cfg": cfg, "batch_norm": batch_norm, "num_classes": num_classes, "dropout": 0.5, "fc_width": fc_width}
+            return {
+                "cfg": cfg,
+                "batch_norm": batch_norm,
+                "num_classes": num_classes,
+                "dropout": 0.5,
+                "fc_width": fc_width,
+            }
         closest = max(closest, (fitted, misfit), key=lambda pair: pair[0])
     raise CheckpointError(f"matches no VGG configuration: {closest[1]}")
 
@@ -303,8 +319,10 @@ def _resolve_classes(num_classes: int, labels: list[str] | None, *, need_names: 
     if num_classes == IMAGENET_CLASS_COUNT:
         return imagenet_classes()
     if need_names:
-        raise CheckpointError(f"the weights have {num_classes} classes, not ImageNet's {IMAGENET_CLASS_COUNT}: "
-                              "give --labels FILE (one class name per line, in index order)")
+        raise CheckpointError(
+            f"the weights have {num_classes} classes, not ImageNet's {IMAGENET_CLASS_COUNT}: "
+            "give --labels FILE (one class name per line, in index order)"
+        )
     return [str(index) for index in range(num_classes)]
 
 
@@ -312,9 +330,14 @@ def torchvision_preprocess() -> dict[str, Any]:
     """``preprocess`` of torchvision's ImageNet weights: ImageNet mean/std, Q = 256, crop 224, AlexNet's PCA."""
     from vgg.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, IMAGENET_STD_RGB
 
-    return {"mean": list(IMAGENET_MEAN_RGB), "std": list(IMAGENET_STD_RGB), "pca_eigval": list(IMAGENET_PCA_EIGVAL),
-            "pca_eigvec": [list(row) for row in IMAGENET_PCA_EIGVEC], "crop": TORCHVISION_CROP,
-            "test_scale": TORCHVISION_TEST_SCALE}
+    return {
+        "mean": list(IMAGENET_MEAN_RGB),
+        "std": list(IMAGENET_STD_RGB),
+        "pca_eigval": list(IMAGENET_PCA_EIGVAL),
+        "pca_eigvec": [list(row) for row in IMAGENET_PCA_EIGVEC],
+        "crop": TORCHVISION_CROP,
+        "test_scale": TORCHVISION_TEST_SCALE,
+    }
 
 
 def _as_model_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -327,7 +350,10 @@ def _as_model_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[in
 
 
 def checkpoint_from_state_dict(
-    state: dict[str, torch.Tensor], *, labels: list[str] | None = None, source: str | os.PathLike | None = None,
+    state: dict[str, torch.Tensor],
+    *,
+    labels: list[str] | None = None,
+    source: str | os.PathLike | None = None,
     need_names: bool = True,
 ) -> dict[str, Any]:
     """A checkpoint (this module's schema) for a torchvision-layout VGG state dict.
@@ -338,8 +364,9 @@ def checkpoint_from_state_dict(
     ImageNet weights (:func:`torchvision_preprocess`); ``config`` says where the weights came from.
     """
     arch = infer_arch(state)
-    expected = _expected_shapes(arch["cfg"], batch_norm=arch["batch_norm"], num_classes=arch["num_classes"],
-                                fc_width=arch["fc_width"])
+    expected = _expected_shapes(
+        arch["cfg"], batch_norm=arch["batch_norm"], num_classes=arch["num_classes"], fc_width=arch["fc_width"]
+    )
     return {
         "format": CHECKPOINT_FORMAT,
         "arch": arch,
@@ -347,13 +374,18 @@ def checkpoint_from_state_dict(
         "classes": _resolve_classes(arch["num_classes"], labels, need_names=need_names),
         "preprocess": torchvision_preprocess(),
         "metrics": {},
-        "config": {"converted_from": str(source) if source is not None else None,
-                   "source_format": "torchvision-layout VGG state dict"},
+        "config": {
+            "converted_from": str(source) if source is not None else None,
+            "source_format": "torchvision-layout VGG state dict",
+        },
     }
 
 
 def load_any(
-    path: str | os.PathLike, *, labels: list[str] | None = None, need_names: bool = True,
+    path: str | os.PathLike,
+    *,
+    labels: list[str] | None = None,
+    need_names: bool = True,
 ) -> dict[str, Any]:
     """A checkpoint from ``path``: this project's checkpoint, or a converted VGG state dict.
 
@@ -388,8 +420,11 @@ def _parse_args(argv: list[str] | None):
     )
     parser.add_argument("--from-state-dict", required=True, metavar="FILE", help="torchvision-layout VGG state dict")
     parser.add_argument("--out", required=True, metavar="CKPT", help="checkpoint to write (atomically)")
-    parser.add_argument("--labels", metavar="FILE",
-                        help="class names, one per line in index order (default for 1,000 classes: ImageNet-1k's)")
+    parser.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names, one per line in index order (default for 1,000 classes: ImageNet-1k's)",
+    )
     return parser.parse_args(argv)
 
 
@@ -408,9 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
         return 2
     arch = checkpoint["arch"]
-    print(f"wrote {args.out}: VGG-{arch['cfg']}{' with BatchNorm' if arch['batch_norm'] else ''}, "
-          f"{arch['num_classes']} classes, test scale Q {checkpoint['preprocess']['test_scale']}, "
-          f"crop {checkpoint['preprocess']['crop']}")
+    print(
+        f"wrote {args.out}: VGG-{arch['cfg']}{' with BatchNorm' if arch['batch_norm'] else ''}, "
+        f"{arch['num_classes']} classes, test scale Q {checkpoint['preprocess']['test_scale']}, "
+        f"crop {checkpoint['preprocess']['crop']}"
+    )
     return 0
 
 
