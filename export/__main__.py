@@ -1,5 +1,9 @@
 """``python -m export --checkpoint runs/D/best.pt [--tta five] [--precision fp32] [--test-scale Q] [--out PATH]``
 
+``--checkpoint`` also takes a VGG state dict in torchvision's layout (``.pth``/``.pt`` or
+``.safetensors``, e.g. ``vgg16-397923af.pth``); ``--labels FILE`` names its classes when
+they are not ImageNet-1k's 1,000.
+
 Exit codes: 0 exported (and registered), 2 bad input or a failed check (one-line error).
 """
 
@@ -42,7 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Export a VGG training checkpoint to ONNX (preprocessing and test-time crops inside the "
         "graph), check it against PyTorch, and register it in the BentoML store as vgg:<version>.",
     )
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint, e.g. runs/D-.../best.pt")
+    parser.add_argument("--checkpoint", required=True,
+                        help="training checkpoint (runs/D-.../best.pt) or a torchvision-layout VGG state dict "
+                        "(.pth/.pt/.safetensors)")
+    parser.add_argument("--labels", default=None, metavar="FILE",
+                        help="class names, one per line in index order (default: the checkpoint's; ImageNet-1k's "
+                        "for a 1,000-class state dict)")
     parser.add_argument("--tta", choices=TTA_MODES, default="five", help="test-time views (default: five)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32 (always built), plus fp16 (GPU) or int8 (CPU, QDQ) (default: fp32)")
@@ -79,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, tta=args.tta, precision=args.precision, test_scale=args.test_scale, out=args.out,
             register=args.register, check_images=args.check_images, calibration=args.calibration,
             calibration_count=args.calibration_images, agreement_count=args.agreement_images,
-            min_agreement=args.min_agreement,
+            min_agreement=args.min_agreement, labels=args.labels,
         )
     except ExportError as error:
         print(f"error: {error}", file=sys.stderr)

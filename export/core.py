@@ -27,7 +27,7 @@ from export.graph import TTA_MODES, InferenceGraph
 from export.onnx_io import OPSET, save_onnx, set_metadata, to_onnx
 from export.reference import reference_probs
 from vgg import store
-from vgg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from vgg.checkpoint import CheckpointError, load_any, model_from_checkpoint, read_labels
 from vgg.errors import one_line
 from vgg.preprocessing import MAX_SCALE, MIN_CROP, default_test_scale
 
@@ -87,9 +87,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_source(checkpoint_path: Path, *, test_scale: int | None) -> _Source:
+def _load_source(checkpoint_path: Path, *, test_scale: int | None, labels: str | os.PathLike | None = None) -> _Source:
     try:
-        checkpoint = load_checkpoint(checkpoint_path)
+        checkpoint = load_any(checkpoint_path, labels=read_labels(labels) if labels is not None else None)
         model = model_from_checkpoint(checkpoint)
         preprocess = checkpoint["preprocess"]
         mean, std = [float(v) for v in preprocess["mean"]], [float(v) for v in preprocess["std"]]
@@ -133,9 +133,12 @@ def _check_source(path: Path, checkpoint: dict[str, Any], model: Any, *, mean: l
     if not MIN_CROP <= crop <= MAX_SCALE:
         raise ExportError(f"{path}: preprocess crop is {crop}, must be between {MIN_CROP} and {MAX_SCALE}")
     outputs = int(checkpoint["arch"]["num_classes"])
-    if len(classes) != outputs or len(set(classes)) != len(classes):
-        raise ExportError(f"{path}: {len(classes)} class names ({len(set(classes))} distinct) for a "
-                          f"{outputs}-output classifier; the checkpoint is inconsistent")
+    if len(classes) != outputs:
+        raise ExportError(f"{path}: {len(classes)} class names for a {outputs}-output classifier; "
+                          "the checkpoint is inconsistent")
+    if len(set(classes)) != len(classes):  # ImageNet-1k's own names repeat "crane" and "maillot"
+        logger.warning("%s: %d class names, %d distinct; answers name classes by index too", path.name,
+                       len(classes), len(set(classes)))
     bad = next((name for name, tensor in model.state_dict().items()
                 if tensor.is_floating_point() and not bool(tensor.isfinite().all())), None)
     if bad is not None:
@@ -145,7 +148,7 @@ def _check_source(path: Path, checkpoint: dict[str, Any], model: Any, *, mean: l
 def _metadata(source: _Source, *, tta: str) -> dict[str, Any]:
     arch, metrics = source.checkpoint["arch"], source.checkpoint.get("metrics") or {}
     val_top1 = metrics.get("val_top1")
-    return {
+    metadata = {
         "cfg": str(arch["cfg"]),
         "batch_norm": bool(arch["batch_norm"]),
         "num_classes": int(arch["num_classes"]),
@@ -155,8 +158,10 @@ def _metadata(source: _Source, *, tta: str) -> dict[str, Any]:
         "std": source.std,
         "tta": tta,
         "checkpoint_sha256": source.sha256,
-        "val_top1": None if val_top1 is None else float(val_top1),
     }
+    if val_top1 is not None:  # a converted state dict has no validation accuracy (BentoML refuses None)
+        metadata["val_top1"] = float(val_top1)
+    return metadata
 
 
 def _check_inputs(source: _Source, check_images: Sequence[os.PathLike | str] | np.ndarray | None) -> np.ndarray:
@@ -349,14 +354,18 @@ def export_checkpoint(
     calibration_count: int = INT8_CALIBRATION_IMAGES,
     agreement_count: int = INT8_AGREEMENT_IMAGES,
     min_agreement: float = INT8_MIN_AGREEMENT,
+    labels: str | os.PathLike | None = None,
 ) -> ExportResult:
-    """Export a training checkpoint to ONNX, check it against PyTorch, register it.
+    """Export a training checkpoint (or a torchvision-layout VGG state dict, see
+    :func:`vgg.checkpoint.load_any`) to ONNX, check it against PyTorch, register it.
 
     The fp32 graph is always built and checked (max abs diff <= :data:`FP32_TOLERANCE` vs the
     torchvision reference); ``precision="fp16"`` or ``"int8"`` adds that graph and its check.
     ``check_images``: image files (or uint8 ``[N, Q, Q, 3]`` arrays) for the checks; by default
     the first few of the checkpoint's training folder. Random images are always added.
     ``calibration``: int8 calibration folder (default: the training folder).
+    ``labels``: a class-name file (one per line) replacing the checkpoint's names; needed for a
+    state dict whose class count is not ImageNet's 1,000.
     Raises :class:`ExportError` (nothing registered, nothing written to ``out``) on any failure.
     """
     if tta not in TTA_MODES:
@@ -368,7 +377,7 @@ def export_checkpoint(
     _check_out(out)
     if calibration_count < 1 or agreement_count < 1:
         raise ExportError(f"int8 image counts must be at least 1, got {calibration_count} and {agreement_count}")
-    source = _load_source(Path(checkpoint_path), test_scale=test_scale)
+    source = _load_source(Path(checkpoint_path), test_scale=test_scale, labels=labels)
     metadata = _metadata(source, tta=tta)
     precisions = ["fp32"] if precision == "fp32" else ["fp32", precision]
     classes = [str(name) for name in source.checkpoint["classes"]]

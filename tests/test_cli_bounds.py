@@ -168,7 +168,6 @@ def _poison(name: str, value: float):
 EXPORT_CASES = {
     "three_names_two_outputs": (_set("classes", value=["a", "b", "c"]), "3 class names"),
     "one_name_two_outputs": (_set("classes", value=["a"]), "1 class names"),
-    "duplicate_names": (_set("classes", value=["a", "a"]), "distinct"),
     "test_scale_zero": (_set("preprocess", "test_scale", value=0), "test_scale is 0"),
     "test_scale_negative": (_set("preprocess", "test_scale", value=-37), "test_scale is -37"),
     "test_scale_huge": (_set("preprocess", "test_scale", value=100_000), "test_scale is 100000"),

@@ -17,6 +17,7 @@ from vgg.preprocessing import (
     center_offset,
     open_rgb,
     resize_shortest_side,
+    shortest_side_size,
     default_test_scale,
     to_graph_input,
 )
@@ -133,9 +134,30 @@ def test_pillow_own_bomb_limit_is_reported_as_too_large():
         open_rgb(data, max_pixels=None)
 
 
-@pytest.mark.parametrize("size, expected", [((400, 300), (341, 256)), ((300, 400), (256, 341)), ((256, 256), (256, 256))])
+@pytest.mark.parametrize("size, expected", [((400, 300), (341, 256)), ((300, 400), (256, 341)), ((256, 256), (256, 256)),
+                                           ((300, 199), (385, 256)), ((451, 300), (384, 256))])
 def test_resize_shortest_side(size, expected):
+    # 300x199 -> 385.9 and 451x300 -> 384.9: truncated like torchvision's Resize, not rounded
     assert resize_shortest_side(Image.new("RGB", size), 256).size == expected
+
+
+def test_shortest_side_size_is_torchvision_s_for_every_shape():
+    from torchvision.transforms.functional import _compute_resized_output_size
+
+    for width in range(1, 700, 7):
+        for height in range(1, 700, 11):
+            for size in (224, 256, 384):
+                expected_height, expected_width = _compute_resized_output_size((height, width), [size])
+                assert shortest_side_size(width, height, size) == (expected_width, expected_height)
+
+
+@pytest.mark.parametrize("size", [(300, 199), (199, 300), (451, 300), (1000, 872), (640, 427), (256, 300), (256, 256)])
+def test_resize_shortest_side_is_torchvision_resize_pixel_for_pixel(size):
+    from torchvision import transforms
+
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    expected = np.asarray(transforms.Resize(256)(image))  # PIL path: antialiased bilinear
+    np.testing.assert_array_equal(np.asarray(resize_shortest_side(image, 256)), expected)
 
 
 def test_center_crop_takes_the_middle():

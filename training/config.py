@@ -23,10 +23,14 @@ class TrainConfig:
     batch_norm: bool = False  # the paper has no BatchNorm (it predates it)
     fc_width: int = FC_WIDTH  # section 2.1: FC layers of 4096 channels
     dropout: float = 0.5  # section 3.1: dropout 0.5 on the first two FC layers
-    # None = the paper's choice: "paper" (N(0, 1e-2)) for A / A-LRN or with init_from,
+    # None = the paper's choice: "paper" (N(0, 1e-2)) for A / A-LRN or with init_from (and for the
+    # layers a fine-tune does not copy),
     # "glorot" for deeper nets from scratch (section 3.1, final paragraph on initialisation).
     init: str | None = None
     init_from: str | None = None  # section 3.1: deeper nets start from a trained net A
+    # Fine-tune (training/finetune.py): start from a trained net's weights (checkpoint or state dict).
+    finetune_from: str | None = None
+    freeze_features: bool = False  # with finetune_from: train only the FC layers
     # -- optimiser (section 3.1) --
     batch_size: int = 256  # "the batch size was set to 256"
     momentum: float = 0.9  # "momentum to 0.9"
@@ -78,7 +82,7 @@ class TrainConfig:
         """The paper's initialisation when none is asked for (section 3.1)."""
         if self.init is not None:
             return self.init
-        if self.init_from is not None or self.cfg in ("A", "A-LRN"):
+        if self.init_from is not None or self.finetune_from is not None or self.cfg in ("A", "A-LRN"):
             return "paper"
         return "glorot"
 

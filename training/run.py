@@ -31,6 +31,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 import vgg
 from training import data as datasets
+from training import finetune
 from training.config import TrainConfig
 from training.demo import DEMO_OVERRIDES, demo_data_dir, ensure_demo_data
 from training.engine import evaluate, evaluate_dense, train_one_epoch
@@ -85,6 +86,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, help=f"dropout of the first two FC layers (default {d.dropout})")
     model.add_argument("--init", choices=INITS, help="weight init (default: paper for A/A-LRN or with --init-from, glorot otherwise)")
     model.add_argument("--init-from", metavar="CKPT", help="pre-initialise from a trained net A checkpoint (section 3.1)")
+    model.add_argument("--finetune-from", metavar="FILE",
+                       help="fine-tune: start from a checkpoint or torchvision-layout VGG state dict (.pth/.safetensors); "
+                       "its configuration, normalisation and lr 1e-3 are the defaults")
+    model.add_argument("--freeze-features", action="store_true", help="with --finetune-from: train only the FC layers")
     optim = p.add_argument_group("optimiser (paper, section 3.1)")
     optim.add_argument("--batch-size", type=int, help=f"global mini-batch (default {d.batch_size})")
     optim.add_argument("--momentum", type=float, help=f"(default {d.momentum})")
@@ -177,6 +182,8 @@ def validate(config: TrainConfig, *, world_size: int) -> None:
     """Raise :class:`UsageError` (one line) for a configuration that cannot run."""
     _validate_geometry(config, world_size=world_size)
     _validate_optimiser(config)
+    if config.freeze_features and config.finetune_from is None:
+        raise UsageError("--freeze-features needs --finetune-from FILE (the trained features to keep)")
     _validate_running(config)
 
 
@@ -338,7 +345,8 @@ def compute_stats(config: TrainConfig, train: list[datasets.Sample]) -> Stats:
     return pixel_stats(images, seed=config.seed)
 
 
-def build_model(config: TrainConfig, *, num_classes: int) -> tuple[nn.Module, str]:
+def build_model(config: TrainConfig, *, num_classes: int,
+                source: finetune.Source | None = None) -> tuple[nn.Module, str]:
     init = config.resolved_init()
     model = vgg.build(config.cfg, num_classes=num_classes, batch_norm=config.batch_norm,
                       dropout=config.dropout, init=init, fc_width=config.fc_width)
@@ -349,6 +357,11 @@ def build_model(config: TrainConfig, *, num_classes: int) -> tuple[nn.Module, st
         except ValueError as error:
             raise UsageError(f"--init-from {config.init_from}: {error}") from None
         init = f"{init} + first 4 convs and 3 FC layers from {config.init_from}"
+    if source is not None:
+        copied, fresh = finetune.copy_weights(model, source)
+        init = f"fine-tuned from {source.path}: {len(copied)} tensors copied; {init} for {', '.join(fresh) or 'none'}"
+    if config.freeze_features:
+        finetune.freeze_features(model)
     return model, init
 
 
@@ -484,6 +497,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         config, demo = config_from_args(args)
         config = resolve_data(config)
+    source = None
+    if config.finetune_from is not None and resume_state is None:
+        source = finetune.load_source(config.finetune_from)
+        config = finetune.configure(config, source, given=set(vars(args)))
     validate(config, world_size=runtime.world_size)
     out = Path(config.out) if config.out else default_out(config.cfg)
     config = dataclasses.replace(config, out=str(out))
@@ -495,14 +512,17 @@ def main(args: argparse.Namespace) -> int:
         log.info("DEMO: %s", DEMO_HINT)
     stats = Stats(**{k: resume_state["preprocess"][k] for k in STATS_KEYS}) \
         if resume_state else compute_stats(config, splits.train)
+    if source is not None:
+        stats = finetune.source_stats(stats, source)
 
     seed_everything(config.seed + runtime.rank)
-    model, init = build_model(config, num_classes=len(splits.classes))
+    model, init = build_model(config, num_classes=len(splits.classes), source=source)
     model.to(runtime.device)
     channels_last = runtime.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.SGD(trained, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     rule, start_epoch, history = PlateauState(lr=config.lr), 1, []
     if resume_state is not None:
         rule, start_epoch, history, init = restore(resume_state, model=model, optimizer=optimizer, init=init,
@@ -619,7 +639,7 @@ def cli(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return main(args)
-    except (UsageError, datasets.DataError, CheckpointError) as error:
+    except (UsageError, datasets.DataError, CheckpointError, finetune.FinetuneError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ExportFailed as error:

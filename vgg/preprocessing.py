@@ -20,6 +20,8 @@ from vgg.errors import one_line
 __all__ = [
     "IMAGENET_MEAN_RGB",
     "IMAGENET_STD_RGB",
+    "IMAGENET_PCA_EIGVAL",
+    "IMAGENET_PCA_EIGVEC",
     "TEST_SCALE_RATIO",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
@@ -30,6 +32,7 @@ __all__ = [
     "default_test_scale",
     "open_rgb",
     "resize_shortest_side",
+    "shortest_side_size",
     "center_offset",
     "center_crop",
     "to_graph_input",
@@ -39,6 +42,14 @@ __all__ = [
 # torchvision-trained weights. Our own runs compute theirs from the training data.
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# AlexNet's RGB PCA on ImageNet (the constants of fb.resnet.torch and torchvision's references,
+# for 0..1 pixels) in this project's units: eigenvalues x 255^2, eigenvectors as columns.
+IMAGENET_PCA_EIGVAL = (0.2175 * 255**2, 0.0188 * 255**2, 0.0045 * 255**2)
+IMAGENET_PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
 
 # Test scale Q for a crop: the paper's single-scale setting Q = 256 for a 224 crop
 # (torchvision's "resize 256, crop 224" preset); smaller geometries scale with the crop.
@@ -128,11 +139,13 @@ def open_rgb(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 
 def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
-    """Isotropic rescale so the shortest side is ``size`` (bilinear, antialiased)."""
+    """Isotropic rescale so the shortest side is ``size``: Pillow's antialiased bilinear filter
+    and torchvision's output size (see :func:`shortest_side_size`), i.e. exactly torchvision's
+    ``Resize(size)`` on a PIL image."""
     width, height = image.size
     if min(width, height) == size:
         return image
-    return image.resize(_shortest_side_size(width, height, size), Image.Resampling.BILINEAR)
+    return image.resize(shortest_side_size(width, height, size), Image.Resampling.BILINEAR)
 
 
 def center_offset(size: int, crop: int) -> int:
@@ -148,10 +161,14 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def _shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+def shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """``(width, height)`` with the shortest side ``size`` and the long side
+    ``int(size * long / short)``: truncated, not rounded, exactly as torchvision's ``Resize``
+    (``_compute_resized_output_size``), so that a 300x199 image becomes 385x256 in both and
+    accuracies published for torchvision's pipeline carry over."""
     if width <= height:
-        return size, max(1, round(height * size / width))
-    return max(1, round(width * size / height)), size
+        return size, max(1, int(size * height / width))
+    return max(1, int(size * width / height)), size
 
 
 def to_graph_input(image: Image.Image, test_scale: int) -> np.ndarray:
@@ -163,7 +180,7 @@ def to_graph_input(image: Image.Image, test_scale: int) -> np.ndarray:
     level), so memory stays bounded by ``test_scale`` even for a 1 x 8,000,000 image.
     """
     width, height = image.size
-    resized_width, resized_height = _shortest_side_size(width, height, test_scale)
+    resized_width, resized_height = shortest_side_size(width, height, test_scale)
     if max(resized_width, resized_height) <= MAX_ASPECT_FOR_FULL_RESIZE * test_scale:
         square = center_crop(resize_shortest_side(image, test_scale), test_scale)
     else:
