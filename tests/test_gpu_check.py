@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # every step of the check, on 2 CPU cores: about 6 minutes on an idle machine
 def test_gpu_check_dry_run_writes_the_whole_report(tmp_path):
     out = tmp_path / "report"
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "VGG_CACHE": str(tmp_path / "cache")}
