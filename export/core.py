@@ -137,8 +137,8 @@ def _check_source(path: Path, checkpoint: dict[str, Any], model: Any, *, mean: l
         raise ExportError(f"{path}: {len(classes)} class names for a {outputs}-output classifier; "
                           "the checkpoint is inconsistent")
     if len(set(classes)) != len(classes):  # ImageNet-1k's own names repeat "crane" and "maillot"
-        logger.warning("%s: %d class names, %d distinct; answers name classes by index too", path.name,
-                       len(classes), len(set(classes)))
+        logger.info("%s: %d class names, %d distinct; answers name classes by index too", path.name,
+                    len(classes), len(set(classes)))
     bad = next((name for name, tensor in model.state_dict().items()
                 if tensor.is_floating_point() and not bool(tensor.isfinite().all())), None)
     if bad is not None:
