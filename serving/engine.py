@@ -301,6 +301,10 @@ def _open_session(graph: Path, *, cuda: bool, intra_op_threads: int | None, gpu_
         raise EngineError(f"{graph}: cannot create an ONNX Runtime session ({one_line(error)})") from None
 
 
+class _SessionFailed(Exception):
+    """ONNX Runtime could not open the chosen graph (the message is the one-line reason)."""
+
+
 class Engine:
     """An ORT session over the exported graph of the chosen precision, with the model's labels
     and input size.
@@ -321,12 +325,20 @@ class Engine:
         self.test_scale = files.test_scale
         self.gpu_id = gpu_id
         want_cuda = device == "cuda" or (device == "auto" and _cuda_usable())
-        self._open(precision, cuda=want_cuda, intra_op_threads=intra_op_threads)
+        try:
+            self._open(precision, cuda=want_cuda, intra_op_threads=intra_op_threads)
+        except _SessionFailed as failed:
+            if not want_cuda or device == "cuda":
+                raise EngineError(str(failed)) from None
+            self.provider = f"none ({failed})"
         if want_cuda and not self.on_gpu:
             if device == "cuda":
                 raise EngineError("a GPU was required but ONNX Runtime could not use CUDA (see its log above)")
-            logger.warning("ONNX Runtime could not use CUDA: falling back to the CPU")
-            self._open(precision, cuda=False, intra_op_threads=intra_op_threads)
+            logger.warning("ONNX Runtime could not use CUDA (%s): falling back to the CPU", self.provider)
+            try:
+                self._open(precision, cuda=False, intra_op_threads=intra_op_threads)
+            except _SessionFailed as failed:
+                raise EngineError(str(failed)) from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.num_classes = len(self.labels)
@@ -338,9 +350,16 @@ class Engine:
         )
 
     def _open(self, precision: str, *, cuda: bool, intra_op_threads: int | None) -> None:
+        """Choose the graph for the device (an :class:`EngineError` when there is none) and open
+        it (:class:`_SessionFailed` when ONNX Runtime cannot)."""
         self.precision = choose_precision(precision, self.files, device="cuda" if cuda else "cpu")
         self.graph_path = self.files.graphs[self.precision]
-        self.session = _open_session(self.graph_path, cuda=cuda, intra_op_threads=intra_op_threads, gpu_id=self.gpu_id)
+        try:
+            self.session = _open_session(
+                self.graph_path, cuda=cuda, intra_op_threads=intra_op_threads, gpu_id=self.gpu_id
+            )
+        except EngineError as error:
+            raise _SessionFailed(str(error)) from None
         self.provider = self.session.get_providers()[0]
 
     def describe(self) -> dict[str, Any]:

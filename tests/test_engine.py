@@ -234,6 +234,29 @@ def test_the_cpu_engine_serves_the_int8_graph_of_a_store_entry_by_default(tmp_pa
                          "provider": "CPUExecutionProvider", "val_top1": 0.5}
 
 
+def test_a_gpu_session_that_fails_falls_back_to_the_cpus_precision(tmp_path, monkeypatch):
+    """CUDA looked usable but its session failed (say, cuDNN missing): the CPU serves, with the
+    graph the CPU prefers; with the GPU required, one EngineError."""
+    fp32 = mean_colour_graph(tmp_path / "fp32.onnx", props=GOOD_PROPS)
+    int8 = mean_colour_graph(tmp_path / "int8.onnx", props={**GOOD_PROPS, "precision": "int8"}, sign=-1.0)
+    files = resolve_model(register_graphs(tmp_path, {"fp32": fp32, "int8": int8}))
+    real_open = engine_module._open_session
+
+    def no_cuda(graph, *, cuda, **options):
+        if cuda:
+            raise EngineError(f"{graph}: cannot create an ONNX Runtime session (libcudnn.so.9: not found)")
+        return real_open(graph, cuda=False, **options)
+
+    monkeypatch.setattr(engine_module, "_cuda_usable", lambda: True)
+    monkeypatch.setattr(engine_module, "_open_session", no_cuda)
+    engine = Engine(files, intra_op_threads=1)
+    assert (engine.provider, engine.precision) == ("CPUExecutionProvider", "int8")
+    with pytest.raises(EngineError, match="libcudnn"):
+        Engine(files, device="cuda")
+    with pytest.raises(EngineError, match="the GPU \\(CUDA\\) this server runs on does not serve int8"):
+        Engine(files, precision="int8")  # an explicit precision the GPU does not serve is not a fallback
+
+
 def test_a_bare_onnx_file_is_served_in_the_precision_its_metadata_names(tmp_path, monkeypatch):
     monkeypatch.setattr(engine_module, "_cuda_usable", lambda: False)
     props = {**GOOD_PROPS, "precision": "int8", "cfg": "D", "batch_norm": "true", "crop": "3", "tta": "five",
