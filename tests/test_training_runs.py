@@ -238,7 +238,7 @@ def test_demo_run_reaches_95_percent_and_registers_the_served_model(tmp_path):
     check = subprocess.run([sys.executable, "-m", "vgg.store", "--check"], cwd=REPO_ROOT,
                            env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
-    shown = subprocess.run([sys.executable, "-m", "export.registry"], cwd=REPO_ROOT,
+    shown = subprocess.run([sys.executable, "-m", "vgg.store"], cwd=REPO_ROOT,
                            env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
     metadata = json.loads(shown.stdout.split("\n", 1)[1])
     # Without a GPU the run adds the int8 graph the service serves on the CPU (after its agreement check).
