@@ -76,7 +76,7 @@ def test_int8_answers_equal_the_int8_graph_and_agree_with_fp32(server, exported)
     if _cuda_usable():
         pytest.skip("this machine has a usable GPU")
     files = image_files(exported["data"] / "train")[::5][:15]
-    images = load_graph_inputs(files, scale=SCALE)
+    images = load_graph_inputs(files, test_scale=SCALE)
     int8 = run_onnx(session(exported["int8"]), images)
     fp32 = run_onnx(session(exported["fp32"]), images)
     served = []
