@@ -120,14 +120,27 @@ def synthetic_model(kind: str, workdir: Path) -> str:
         "arch": {"cfg": cfg, "batch_norm": False, "num_classes": 10, "dropout": 0.5, "fc_width": fc_width},
         "model": model.state_dict(),
         "classes": [f"class_{i}" for i in range(10)],
-        "preprocess": {"mean": [124.0, 116.0, 104.0], "std": [58.0, 57.0, 57.5], "pca_eigval": [1.0, 0.5, 0.1],
-                       "pca_eigvec": np.eye(3).tolist(), "crop": crop, "test_scale": scale},
+        "preprocess": {
+            "mean": [124.0, 116.0, 104.0],
+            "std": [58.0, 57.0, 57.5],
+            "pca_eigval": [1.0, 0.5, 0.1],
+            "pca_eigvec": np.eye(3).tolist(),
+            "crop": crop,
+            "test_scale": scale,
+        },
         "metrics": {"epoch": 0, "val_top1": None, "val_top5": None},
         "config": {"data": str(data) if data else None, "cfg": cfg},
     }
     save_checkpoint(checkpoint, workdir / f"{kind}.pt")
-    result = export_checkpoint(workdir / f"{kind}.pt", tta=tta, precision="int8", calibration_count=64,
-                               agreement_count=128, min_agreement=0.0, int8_optional=True)
+    result = export_checkpoint(
+        workdir / f"{kind}.pt",
+        tta=tta,
+        precision="int8",
+        calibration_count=64,
+        agreement_count=128,
+        min_agreement=0.0,
+        int8_optional=True,
+    )
     return str(result.tag)
 
 
@@ -215,8 +228,14 @@ def bench_engine(engine: Engine, payloads: list[bytes], args: argparse.Namespace
 
 def multipart(payload: bytes) -> tuple[bytes, bytes]:
     boundary = "benchboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.jpg\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + payload
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}".encode()
 
 
@@ -225,15 +244,20 @@ async def read_request(payload: bytes, *, parses: int) -> None:
     and parses it, then BentoML's multipart reader builds the API's input (``parses=1``: from
     the guard's form; ``parses=2``: parsing the body again, as the service used to)."""
     from _bentoml_impl.serde import ALL_SERDE
+    from bentoml._internal.context import ServiceContext
     from starlette.requests import Request
 
-    from bentoml._internal.context import ServiceContext
     from service import VGGClassifier
     from serving.guard import PARSED_FORM, RequestGuard
 
     body, content_type = multipart(payload)
-    scope = {"type": "http", "method": "POST", "path": "/classify", "query_string": b"",
-             "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/classify",
+        "query_string": b"",
+        "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+    }
     spec = VGGClassifier.apis["classify"].input_spec
 
     async def endpoint(scope, receive, send) -> None:
@@ -263,6 +287,7 @@ def replay(body: bytes):
 
 def bench_parsing(payloads: list[bytes], *, rounds: int = 5) -> dict[int, float]:
     """Mean milliseconds to read one request with 1 and with 2 parses, interleaved rounds."""
+
     async def read_all(parses: int) -> float:
         started = time.perf_counter()
         for payload in payloads:
@@ -290,8 +315,11 @@ def has_vnni() -> bool:
 
 
 def print_row(result: Result) -> None:
-    print(f"{result.target:8s} {result.precision:5s} {result.concurrency:4d} {result.completed:6d} {result.errors:6d} "
-          f"{result.throughput:10.1f} {result.percentile(50):9.1f} {result.percentile(99):9.1f}", flush=True)
+    print(
+        f"{result.target:8s} {result.precision:5s} {result.concurrency:4d} {result.completed:6d} {result.errors:6d} "
+        f"{result.throughput:10.1f} {result.percentile(50):9.1f} {result.percentile(99):9.1f}",
+        flush=True,
+    )
 
 
 def verdict(met: bool) -> str:
@@ -306,13 +334,17 @@ def print_targets(results: list[Result], *, high: int, low: int) -> None:
         service, engine = by.get(("service", precision, high)), by.get(("engine", precision, high))
         if service and engine:
             ratio = service.throughput / engine.throughput
-            print(f"  {precision} c={high}: service/engine throughput {ratio:.2f} "
-                  f"(target >= {TARGET_SERVICE_VS_ENGINE:.2f}): {verdict(ratio >= TARGET_SERVICE_VS_ENGINE)}")
+            print(
+                f"  {precision} c={high}: service/engine throughput {ratio:.2f} "
+                f"(target >= {TARGET_SERVICE_VS_ENGINE:.2f}): {verdict(ratio >= TARGET_SERVICE_VS_ENGINE)}"
+            )
         service, engine = by.get(("service", precision, low)), by.get(("engine", precision, low))
         if service and engine:
             gap = service.percentile(50) - engine.percentile(50)
-            print(f"  {precision} c={low}: service p50 - engine p50 = {gap:.1f} ms "
-                  f"(target <= {TARGET_C1_OVERHEAD_MS:.0f} ms): {verdict(gap <= TARGET_C1_OVERHEAD_MS)}")
+            print(
+                f"  {precision} c={low}: service p50 - engine p50 = {gap:.1f} ms "
+                f"(target <= {TARGET_C1_OVERHEAD_MS:.0f} ms): {verdict(gap <= TARGET_C1_OVERHEAD_MS)}"
+            )
         naive, service = by.get(("naive", precision, high)), by.get(("service", precision, high))
         if naive and service:
             ratio = service.throughput / naive.throughput
@@ -324,8 +356,10 @@ def print_targets(results: list[Result], *, high: int, low: int) -> None:
         speedup = int8.throughput / fp32.throughput
         engine32, engine8 = by.get(("engine", "fp32", high)), by.get(("engine", "int8", high))
         engine_speedup = f"; raw engine {engine8.throughput / engine32.throughput:.2f}x" if engine32 and engine8 else ""
-        print(f"  c={high}: int8 service / fp32 service throughput {speedup:.2f}x (target >= {target:g}x, "
-              f"{'with' if vnni else 'without'} VNNI): {verdict(speedup >= target)}{engine_speedup}")
+        print(
+            f"  c={high}: int8 service / fp32 service throughput {speedup:.2f}x (target >= {target:g}x, "
+            f"{'with' if vnni else 'without'} VNNI): {verdict(speedup >= target)}{engine_speedup}"
+        )
 
 
 def int8_agreement(files: ModelFiles, payloads: list[bytes]) -> float | None:
@@ -341,11 +375,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--model", default=None, help="store tag (default: $VGG_MODEL or vgg:latest)")
-    model.add_argument("--tiny", action="store_true", help="a small VGG-A (random weights), fp32 + int8, in a temp store")
-    model.add_argument("--medium", action="store_true",
-                       help="a VGG-D at Q=64, 56x56 crops, FiveCrop, fc 1024 (random weights), fp32 + int8, in a temp store")
-    parser.add_argument("--precisions", nargs="+", choices=("fp32", "fp16", "int8"), default=None,
-                        help="graphs to serve (default: fp32 and int8, those the model has)")
+    model.add_argument(
+        "--tiny", action="store_true", help="a small VGG-A (random weights), fp32 + int8, in a temp store"
+    )
+    model.add_argument(
+        "--medium",
+        action="store_true",
+        help="a VGG-D at Q=64, 56x56 crops, FiveCrop, fc 1024 (random weights), fp32 + int8, in a temp store",
+    )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("fp32", "fp16", "int8"),
+        default=None,
+        help="graphs to serve (default: fp32 and int8, those the model has)",
+    )
     parser.add_argument("--images", type=Path, default=None, help="folder of test images (default: imagenette)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
@@ -354,14 +398,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_servers(tag: str, files: ModelFiles, precision: str, payloads: list[bytes], args, workdir: Path) -> list[Result]:
+def run_servers(
+    tag: str, files: ModelFiles, precision: str, payloads: list[bytes], args, workdir: Path
+) -> list[Result]:
     """The service (``VGG_PRECISION=precision``) and, if asked, the naive server on that graph."""
     base = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "VGG_PRECISION": precision, "VGG_WORKERS": "1"}
     servers = {
         "service": (bentoml_serve_command, {**base, "VGG_MODEL": tag}),
-        "naive": (lambda port: [sys.executable, "-m", "uvicorn", "bench.naive_server:app", "--host", "127.0.0.1",
-                                "--port", str(port), "--log-level", "warning"],
-                  {**base, "VGG_MODEL": str(files.graphs[precision])}),
+        "naive": (
+            lambda port: [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.naive_server:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            {**base, "VGG_MODEL": str(files.graphs[precision])},
+        ),
     }
     results = []
     for name, (command, env) in servers.items():
@@ -381,27 +439,41 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny or args.medium:
             os.environ["BENTOML_HOME"] = str(Path(workdir) / "bentoml")
         try:
-            tag = synthetic_model("tiny" if args.tiny else "medium", Path(workdir)) if args.tiny or args.medium \
+            tag = (
+                synthetic_model("tiny" if args.tiny else "medium", Path(workdir))
+                if args.tiny or args.medium
                 else args.model or os.environ.get("VGG_MODEL") or "vgg:latest"
+            )
             files = resolve_model(tag)
             precisions = args.precisions or [p for p in CPU_PRECISIONS if p in files.graphs]
             missing = [p for p in precisions if p not in files.graphs]
             if missing:
-                raise EngineError(f"{files.tag} has no {'/'.join(missing)} graph: export it with --precision {missing[0]}")
+                raise EngineError(
+                    f"{files.tag} has no {'/'.join(missing)} graph: export it with --precision {missing[0]}"
+                )
         except EngineError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         payloads = load_payloads(args.images, 64)
-        print(f"model {files.tag} ({files.metadata.get('cfg')}, {files.test_scale}x{files.test_scale}, tta "
-              f"{files.metadata.get('tta')}, graphs {'+'.join(files.graphs)}), {len(payloads)} images; "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, VNNI {'yes' if has_vnni() else 'no'}")
+        print(
+            f"model {files.tag} ({files.metadata.get('cfg')}, {files.test_scale}x{files.test_scale}, tta "
+            f"{files.metadata.get('tta')}, graphs {'+'.join(files.graphs)}), {len(payloads)} images; "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, VNNI {'yes' if has_vnni() else 'no'}"
+        )
         agreement = int8_agreement(files, payloads)
         if agreement is not None:
             print(f"int8 top-1 agreement with fp32 on these {len(payloads)} images: {agreement:.2%}")
         parsing = bench_parsing(payloads)
-        print(f"reading one /classify request (in process): one parse {parsing[1]:.2f} ms, two parses "
-              f"{parsing[2]:.2f} ms: {parsing[2] - parsing[1]:.2f} ms saved per request")
-        print(f"{'target':8s} {'prec':5s} {'c':>4s} {'done':>6s} {'errors':>6s} {'images/s':>10s} {'p50 ms':>9s} {'p99 ms':>9s}")
+        print(
+            f"reading one /classify request (in process): one parse {parsing[1]:.2f} ms, two parses "
+            f"{parsing[2]:.2f} ms: {parsing[2] - parsing[1]:.2f} ms saved per request"
+        )
+        columns = ("done", "errors", "images/s", "p50 ms", "p99 ms")
+        widths = (6, 6, 10, 9, 9)
+        print(
+            f"{'target':8s} {'prec':5s} {'c':>4s} "
+            + " ".join(f"{n:>{w}s}" for n, w in zip(columns, widths, strict=True))
+        )
         results: list[Result] = []
         for precision in precisions:
             if "engine" in args.targets:

@@ -13,9 +13,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -23,8 +24,19 @@ from vgg import store
 from vgg.errors import one_line
 
 __all__ = [
-    "EngineError", "ModelFiles", "Engine", "PRECISIONS", "DEVICE_PRECISIONS", "choose_precision", "model_spec",
-    "is_onnx_path", "resolve_model", "check_model", "load_engine", "warm_up_sizes", "HOW_TO_GET_A_MODEL",
+    "EngineError",
+    "ModelFiles",
+    "Engine",
+    "PRECISIONS",
+    "DEVICE_PRECISIONS",
+    "choose_precision",
+    "model_spec",
+    "is_onnx_path",
+    "resolve_model",
+    "check_model",
+    "load_engine",
+    "warm_up_sizes",
+    "HOW_TO_GET_A_MODEL",
 ]
 
 logger = logging.getLogger(__name__)
@@ -314,8 +326,13 @@ class Engine:
     ``gpu_id``: the CUDA device of this engine; ``intra_op_threads``: CPU threads."""
 
     def __init__(
-        self, files: ModelFiles, *, device: str = "auto", precision: str = "auto",
-        intra_op_threads: int | None = None, gpu_id: int = 0,
+        self,
+        files: ModelFiles,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        intra_op_threads: int | None = None,
+        gpu_id: int = 0,
     ) -> None:
         if device not in ("auto", "cuda", "cpu"):
             raise EngineError(f"device must be auto, cuda or cpu, not {device!r}")
@@ -346,7 +363,13 @@ class Engine:
         self._gpu_batch_sizes: list[int] = []  # fixed shapes the GPU session was tuned for
         logger.info(
             "engine: %s, %s graph on %s (%s), input %dx%d, %d classes",
-            self.tag, self.precision, self.provider, self.graph_path.name, self.test_scale, self.test_scale, self.num_classes,
+            self.tag,
+            self.precision,
+            self.provider,
+            self.graph_path.name,
+            self.test_scale,
+            self.test_scale,
+            self.num_classes,
         )
 
     def _open(self, precision: str, *, cuda: bool, intra_op_threads: int | None) -> None:
@@ -428,12 +451,19 @@ def warm_up_sizes(max_batch_size: int) -> list[int]:
 
 
 def load_engine(
-    spec: str | None = None, *, require_gpu: bool = False, precision: str = "auto",
-    intra_op_threads: int | None = None, gpu_id: int = 0,
+    spec: str | None = None,
+    *,
+    require_gpu: bool = False,
+    precision: str = "auto",
+    intra_op_threads: int | None = None,
+    gpu_id: int = 0,
 ) -> Engine:
     """Resolve ``spec`` (see :func:`resolve_model`) and open it, on the GPU when usable."""
     files = resolve_model(spec)
     return Engine(
-        files, device="cuda" if require_gpu else "auto", precision=precision,
-        intra_op_threads=intra_op_threads, gpu_id=gpu_id,
+        files,
+        device="cuda" if require_gpu else "auto",
+        precision=precision,
+        intra_op_threads=intra_op_threads,
+        gpu_id=gpu_id,
     )

@@ -41,10 +41,13 @@ def exported(tmp_path_factory) -> dict:
     data = write_colour_folder(root / "colours", per_class=(CALIBRATION + AGREEMENT) // 3 + 4)
     checkpoint = write_checkpoint(root / "best.pt", train_on_folder(data), classes=list(CLASS_COLOURS), data=data)
     home = root / "bentoml"
-    code = (f"from export import export_checkpoint; export_checkpoint({str(checkpoint)!r}, precision='int8', "
-            f"calibration_count={CALIBRATION}, agreement_count={AGREEMENT})")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env_for(home), capture_output=True,
-                            text=True, timeout=600)
+    code = (
+        f"from export import export_checkpoint; export_checkpoint({str(checkpoint)!r}, precision='int8', "
+        f"calibration_count={CALIBRATION}, agreement_count={AGREEMENT})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env_for(home), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     entry = next((home / "models" / "vgg").glob("*/model.int8.onnx")).parent
     return {"root": root, "home": home, "data": data, "fp32": entry / "model.onnx", "int8": entry / "model.int8.onnx"}
@@ -80,9 +83,10 @@ def test_int8_answers_equal_the_int8_graph_and_agree_with_fp32(server, exported)
     int8 = run_onnx(session(exported["int8"]), images)
     fp32 = run_onnx(session(exported["fp32"]), images)
     served = []
-    for path, expected in zip(files, int8):
-        response = server["client"].post("/classify", files={"image": (path.name, path.read_bytes())},
-                                         data={"top_k": "3"})
+    for path, expected in zip(files, int8, strict=True):
+        response = server["client"].post(
+            "/classify", files={"image": (path.name, path.read_bytes())}, data={"top_k": "3"}
+        )
         assert response.status_code == 200, response.text
         answer = response.json()
         scores = {entry["index"]: entry["score"] for entry in answer["top"]}
@@ -140,8 +144,14 @@ def test_a_precision_the_model_lacks_stops_the_server_with_one_line(exported) ->
 
     wanted = "int8" if _cuda_usable() else "fp16"
     command = bentoml_serve_command(free_port())
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env_for(exported["home"], VGG_PRECISION=wanted),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        env=env_for(exported["home"], VGG_PRECISION=wanted),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1, lines
     assert f"VGG_PRECISION={wanted}" in lines[0]
