@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
 
 import bentoml
 import numpy as np
@@ -136,16 +136,23 @@ class VGGClassifier:
         self._warm.mark_cold(self.worker)
         try:
             self.engine: Engine = load_engine(
-                require_gpu=self.settings.require_gpu, precision=self.settings.precision,
-                intra_op_threads=cpu_threads(self.workers), gpu_id=gpu_for_worker(self.worker, visible_gpus()),
+                require_gpu=self.settings.require_gpu,
+                precision=self.settings.precision,
+                intra_op_threads=cpu_threads(self.workers),
+                gpu_id=gpu_for_worker(self.worker, visible_gpus()),
             )
         except EngineError as error:
             logger.error("cannot start: %s", error)
             raise SystemExit(f"cannot start: {error}") from None
         logger.info(
             "worker %d/%d serving %s: %s graph on %s; batches of up to %d, max latency %d ms",
-            self.worker, self.workers, self.engine.tag, self.engine.precision, self.engine.provider,
-            self.settings.max_batch_size, self.settings.max_latency_ms,
+            self.worker,
+            self.workers,
+            self.engine.tag,
+            self.engine.precision,
+            self.engine.provider,
+            self.settings.max_batch_size,
+            self.settings.max_latency_ms,
         )
         self.metrics = inference_metrics(max_batch_size=self.settings.max_batch_size)
         self._dispatcher = BatchDispatcher(

@@ -240,8 +240,20 @@ def step_serve_speed(ctx: Context) -> StepResult:
     images = ["--images", str(ctx.data / "imagenette" / "train")] if ctx.data else []
     logs = ctx.out / "serve-logs"
     logs.mkdir(exist_ok=True)
+    precision = ["--precisions", "fp32" if ctx.dry_run else "fp16"]
+    targets = ["--targets", "service", "naive", "engine"]
     command = python(
-        "bench/serve.py", "--model", str(graph), *images, *load, "--json", str(figures), "--log-dir", str(logs)
+        "bench/serve.py",
+        "--model",
+        str(graph),
+        *precision,
+        *targets,
+        *images,
+        *load,
+        "--json",
+        str(figures),
+        "--log-dir",
+        str(logs),
     )
     env = ctx.env(VGG_REQUIRE_GPU="0" if ctx.dry_run else "1")
     return run(

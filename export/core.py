@@ -137,8 +137,8 @@ def _check_source(path: Path, checkpoint: dict[str, Any], model: Any, *, mean: l
         raise ExportError(f"{path}: {len(classes)} class names for a {outputs}-output classifier; "
                           "the checkpoint is inconsistent")
     if len(set(classes)) != len(classes):  # ImageNet-1k's own names repeat "crane" and "maillot"
-        logger.warning("%s: %d class names, %d distinct; answers name classes by index too", path.name,
-                       len(classes), len(set(classes)))
+        logger.info("%s: %d class names, %d distinct; answers name classes by index too", path.name,
+                    len(classes), len(set(classes)))
     bad = next((name for name, tensor in model.state_dict().items()
                 if tensor.is_floating_point() and not bool(tensor.isfinite().all())), None)
     if bad is not None:
@@ -341,6 +341,14 @@ def _publish(
     return tag, paths
 
 
+def _skip_int8(error: ExportError, *, optional: bool) -> tuple[str, list[str], dict[str, str]]:
+    """Re-raise ``error``, or (``optional``) log it and go on with fp32 alone."""
+    if not optional:
+        raise error
+    logger.warning("int8 graph not added, exporting fp32 only: %s", error)
+    return "fp32", ["fp32"], {"int8_skipped": str(error)}
+
+
 def export_checkpoint(
     checkpoint_path: str | os.PathLike,
     *,
@@ -355,6 +363,7 @@ def export_checkpoint(
     agreement_count: int = INT8_AGREEMENT_IMAGES,
     min_agreement: float = INT8_MIN_AGREEMENT,
     labels: str | os.PathLike | None = None,
+    int8_optional: bool = False,
 ) -> ExportResult:
     """Export a training checkpoint (or a torchvision-layout VGG state dict, see
     :func:`vgg.checkpoint.load_any`) to ONNX, check it against PyTorch, register it.
@@ -366,6 +375,9 @@ def export_checkpoint(
     ``calibration``: int8 calibration folder (default: the training folder).
     ``labels``: a class-name file (one per line) replacing the checkpoint's names; needed for a
     state dict whose class count is not ImageNet's 1,000.
+    ``int8_optional`` (with ``precision="int8"``): when the int8 graph cannot be made (too few
+    images) or fails its agreement check, export fp32 alone and log why in one line (also in
+    ``checks["int8_skipped"]``) instead of failing.
     Raises :class:`ExportError` (nothing registered, nothing written to ``out``) on any failure.
     """
     if tta not in TTA_MODES:
@@ -381,11 +393,15 @@ def export_checkpoint(
     metadata = _metadata(source, tta=tta)
     precisions = ["fp32"] if precision == "fp32" else ["fp32", precision]
     classes = [str(name) for name in source.checkpoint["classes"]]
+    skipped: dict[str, Any] = {}
     if precision == "int8":  # find (and decode) the images first: fail before the slow part
-        calibration_images, agreement_images = _int8_images(
-            source, Path(calibration) if calibration else None,
-            calibration_count=calibration_count, agreement_count=agreement_count,
-        )
+        try:
+            calibration_images, agreement_images = _int8_images(
+                source, Path(calibration) if calibration else None,
+                calibration_count=calibration_count, agreement_count=agreement_count,
+            )
+        except ExportError as error:
+            precision, precisions, skipped = _skip_int8(error, optional=int8_optional)
     onnx_metadata = {**metadata, "labels": classes}
     with tempfile.TemporaryDirectory(prefix="vgg-export-") as scratch:
         work = Path(scratch)
@@ -398,10 +414,15 @@ def export_checkpoint(
             _write(_export_graph(source, tta=tta, half=True), files["fp16"], onnx_metadata, precision="fp16")
             checks |= _check_fp16(files["fp16"], images, fp32_probs)
         elif precision == "int8":
-            checks |= _make_int8(
-                files["fp32"], files["int8"], calibration_images=calibration_images,
-                agreement_images=agreement_images, min_agreement=min_agreement, metadata=onnx_metadata,
-            )
+            try:
+                checks |= _make_int8(
+                    files["fp32"], files["int8"], calibration_images=calibration_images,
+                    agreement_images=agreement_images, min_agreement=min_agreement, metadata=onnx_metadata,
+                )
+            except ExportError as error:
+                precision, precisions, skipped = _skip_int8(error, optional=int8_optional)
+                files.pop("int8").unlink(missing_ok=True)
+        checks |= skipped
         classes_file = work / store.CLASSES_FILE
         classes_file.write_text(json.dumps(classes), encoding="utf-8")
         store_metadata = {**metadata, "precisions": precisions}

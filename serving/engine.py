@@ -13,9 +13,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +25,19 @@ from vgg import store
 from vgg.errors import one_line
 
 __all__ = [
-    "EngineError", "ModelFiles", "Engine", "PRECISIONS", "DEVICE_PRECISIONS", "choose_precision", "model_spec",
-    "is_onnx_path", "resolve_model", "check_model", "load_engine", "warm_up_sizes", "HOW_TO_GET_A_MODEL",
+    "EngineError",
+    "ModelFiles",
+    "Engine",
+    "PRECISIONS",
+    "DEVICE_PRECISIONS",
+    "choose_precision",
+    "model_spec",
+    "is_onnx_path",
+    "resolve_model",
+    "check_model",
+    "load_engine",
+    "warm_up_sizes",
+    "HOW_TO_GET_A_MODEL",
 ]
 
 logger = logging.getLogger(__name__)
@@ -291,6 +303,10 @@ def _open_session(graph: Path, *, cuda: bool, intra_op_threads: int | None, gpu_
         raise EngineError(f"{graph}: cannot create an ONNX Runtime session ({one_line(error)})") from None
 
 
+class _SessionFailed(Exception):
+    """ONNX Runtime could not open the chosen graph (the message is the one-line reason)."""
+
+
 class Engine:
     """An ORT session over the exported graph of the chosen precision, with the model's labels
     and input size.
@@ -300,8 +316,13 @@ class Engine:
     ``gpu_id``: the CUDA device of this engine; ``intra_op_threads``: CPU threads."""
 
     def __init__(
-        self, files: ModelFiles, *, device: str = "auto", precision: str = "auto",
-        intra_op_threads: int | None = None, gpu_id: int = 0,
+        self,
+        files: ModelFiles,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        intra_op_threads: int | None = None,
+        gpu_id: int = 0,
     ) -> None:
         if device not in ("auto", "cuda", "cpu"):
             raise EngineError(f"device must be auto, cuda or cpu, not {device!r}")
@@ -313,12 +334,20 @@ class Engine:
         if device == "cuda" and not _cuda_usable():
             raise EngineError(f"a GPU was required but it is not usable: {cuda_problem()}")
         want_cuda = device == "cuda" or (device == "auto" and _cuda_usable())
-        self._open(precision, cuda=want_cuda, intra_op_threads=intra_op_threads)
+        try:
+            self._open(precision, cuda=want_cuda, intra_op_threads=intra_op_threads)
+        except _SessionFailed as failed:
+            if not want_cuda or device == "cuda":
+                raise EngineError(str(failed)) from None
+            self.provider = f"none ({failed})"
         if want_cuda and not self.on_gpu:
             if device == "cuda":
                 raise EngineError("a GPU was required but ONNX Runtime could not use CUDA (see its log above)")
-            logger.warning("ONNX Runtime could not use CUDA: falling back to the CPU")
-            self._open(precision, cuda=False, intra_op_threads=intra_op_threads)
+            logger.warning("ONNX Runtime could not use CUDA (%s): falling back to the CPU", self.provider)
+            try:
+                self._open(precision, cuda=False, intra_op_threads=intra_op_threads)
+            except _SessionFailed as failed:
+                raise EngineError(str(failed)) from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.num_classes = len(self.labels)
@@ -326,13 +355,26 @@ class Engine:
         self._gpu_batch_sizes: list[int] = []  # fixed shapes the GPU session was tuned for
         logger.info(
             "engine: %s, %s graph on %s (%s), input %dx%d, %d classes",
-            self.tag, self.precision, self.provider, self.graph_path.name, self.test_scale, self.test_scale, self.num_classes,
+            self.tag,
+            self.precision,
+            self.provider,
+            self.graph_path.name,
+            self.test_scale,
+            self.test_scale,
+            self.num_classes,
         )
 
     def _open(self, precision: str, *, cuda: bool, intra_op_threads: int | None) -> None:
+        """Choose the graph for the device (an :class:`EngineError` when there is none) and open
+        it (:class:`_SessionFailed` when ONNX Runtime cannot)."""
         self.precision = choose_precision(precision, self.files, device="cuda" if cuda else "cpu")
         self.graph_path = self.files.graphs[self.precision]
-        self.session = _open_session(self.graph_path, cuda=cuda, intra_op_threads=intra_op_threads, gpu_id=self.gpu_id)
+        try:
+            self.session = _open_session(
+                self.graph_path, cuda=cuda, intra_op_threads=intra_op_threads, gpu_id=self.gpu_id
+            )
+        except EngineError as error:
+            raise _SessionFailed(str(error)) from None
         self.provider = self.session.get_providers()[0]
 
     def describe(self) -> dict[str, Any]:
@@ -401,12 +443,19 @@ def warm_up_sizes(max_batch_size: int) -> list[int]:
 
 
 def load_engine(
-    spec: str | None = None, *, require_gpu: bool = False, precision: str = "auto",
-    intra_op_threads: int | None = None, gpu_id: int = 0,
+    spec: str | None = None,
+    *,
+    require_gpu: bool = False,
+    precision: str = "auto",
+    intra_op_threads: int | None = None,
+    gpu_id: int = 0,
 ) -> Engine:
     """Resolve ``spec`` (see :func:`resolve_model`) and open it, on the GPU when usable."""
     files = resolve_model(spec)
     return Engine(
-        files, device="cuda" if require_gpu else "auto", precision=precision,
-        intra_op_threads=intra_op_threads, gpu_id=gpu_id,
+        files,
+        device="cuda" if require_gpu else "auto",
+        precision=precision,
+        intra_op_threads=intra_op_threads,
+        gpu_id=gpu_id,
     )

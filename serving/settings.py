@@ -44,11 +44,13 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS  # VGG_MAX_PIXELS: decompression-bomb limit, checked from the header
     max_images_per_request: int = 64  # VGG_MAX_IMAGES_PER_REQUEST: /classify_batch limit
     require_gpu: bool = False  # VGG_REQUIRE_GPU=1: refuse to start on the CPU
-    precision: str = "auto"  # VGG_PRECISION: auto (fp16 on CUDA, int8 on the CPU, when the model has it), fp32, fp16, int8
+    precision: str = (
+        "auto"  # VGG_PRECISION: auto (fp16 on CUDA, int8 on the CPU, when the model has it), fp32, fp16, int8
+    )
     workers: int | None = None  # VGG_WORKERS: server processes; None = one per visible GPU, 1 on a CPU
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         return cls(
             max_batch_size=_int_env("VGG_MAX_BATCH_SIZE", cls.max_batch_size, minimum=2),
             max_latency_ms=_int_env("VGG_MAX_LATENCY_MS", cls.max_latency_ms, minimum=1),

@@ -17,7 +17,15 @@ from pathlib import Path
 
 from serving.settings import Settings, SettingsError
 
-__all__ = ["visible_gpus", "default_workers", "configured_workers", "worker_index", "gpu_for_worker", "cpu_threads", "WarmBoard"]
+__all__ = [
+    "visible_gpus",
+    "default_workers",
+    "configured_workers",
+    "worker_index",
+    "gpu_for_worker",
+    "cpu_threads",
+    "WarmBoard",
+]
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from vgg import store
 from serving import engine as engine_module
 from serving.engine import Engine, EngineError, ModelFiles, check_model, choose_precision, resolve_model
+from vgg import store
 
 pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
 
@@ -34,7 +34,8 @@ def mean_colour_graph(path: Path, *, props: dict[str, str], sign: float = 1.0) -
         helper.make_node("Softmax", ["signed"], ["probs"], axis=1),
     ]
     graph = helper.make_graph(
-        nodes, "mean_colour",
+        nodes,
+        "mean_colour",
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", SCALE, SCALE, 3])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", len(CLASSES)])],
         initializer=[helper.make_tensor("sign", TensorProto.FLOAT, [], [sign])],
@@ -59,7 +60,6 @@ def test_a_well_formed_graph_is_served(tmp_path, monkeypatch):
     assert engine.labels == CLASSES and int(engine.run(image).argmax()) == 2
 
 
-
 def test_models_exported_before_the_test_scale_key_still_load(tmp_path):
     """Older exports carry Q as metadata "scale": a bare .onnx file and a store entry."""
     old_props = {"scale": str(SCALE), "labels": json.dumps(CLASSES)}
@@ -72,12 +72,17 @@ def test_models_exported_before_the_test_scale_key_still_load(tmp_path):
     engine = Engine(resolve_model(tag), device="cpu", intra_op_threads=1)
     assert engine.test_scale == SCALE and engine.labels == CLASSES
 
-@pytest.mark.parametrize(("props", "words"), [
-    ({**GOOD_PROPS, "test_scale": "big"}, "metadata 'test_scale' is 'big', not an integer"),
-    ({**GOOD_PROPS, "test_scale": "0"}, "not a positive integer"),
-    ({**GOOD_PROPS, "labels": json.dumps(CLASSES[:2])}, "2 labels for 3 classes"),
-    ({**GOOD_PROPS, "labels": "[not json"}, "'labels' is not a JSON list"),
-], ids=["scale-not-int", "scale-zero", "labels-short", "labels-not-json"])
+
+@pytest.mark.parametrize(
+    ("props", "words"),
+    [
+        ({**GOOD_PROPS, "test_scale": "big"}, "metadata 'test_scale' is 'big', not an integer"),
+        ({**GOOD_PROPS, "test_scale": "0"}, "not a positive integer"),
+        ({**GOOD_PROPS, "labels": json.dumps(CLASSES[:2])}, "2 labels for 3 classes"),
+        ({**GOOD_PROPS, "labels": "[not json"}, "'labels' is not a JSON list"),
+    ],
+    ids=["scale-not-int", "scale-zero", "labels-short", "labels-not-json"],
+)
 def test_malformed_onnx_metadata_is_one_engine_error(tmp_path, props, words):
     path = mean_colour_graph(tmp_path / "bad.onnx", props=props)
     with pytest.raises(EngineError, match=words) as error:
@@ -99,12 +104,16 @@ def register_entry(tmp_path: Path, *, metadata: dict, classes: list[str]) -> str
     return store.register(files=files, labels={"cfg": "A"}, metadata=metadata)
 
 
-@pytest.mark.parametrize(("metadata", "classes", "words"), [
-    ({"num_classes": 3}, CLASSES, "metadata 'test_scale' is None, not an integer"),
-    ({"test_scale": "4x4", "num_classes": 3}, CLASSES, "metadata 'test_scale' is '4x4'"),
-    ({"scale": "4x4", "num_classes": 3}, CLASSES, "metadata 'scale' is '4x4'"),
-    ({"test_scale": SCALE, "num_classes": 3}, CLASSES[:2], "2 labels for 3 classes"),
-], ids=["no-scale", "scale-not-int", "old-key-scale-not-int", "labels-short"])
+@pytest.mark.parametrize(
+    ("metadata", "classes", "words"),
+    [
+        ({"num_classes": 3}, CLASSES, "metadata 'test_scale' is None, not an integer"),
+        ({"test_scale": "4x4", "num_classes": 3}, CLASSES, "metadata 'test_scale' is '4x4'"),
+        ({"scale": "4x4", "num_classes": 3}, CLASSES, "metadata 'scale' is '4x4'"),
+        ({"test_scale": SCALE, "num_classes": 3}, CLASSES[:2], "2 labels for 3 classes"),
+    ],
+    ids=["no-scale", "scale-not-int", "old-key-scale-not-int", "labels-short"],
+)
 def test_malformed_store_entries_are_one_engine_error(tmp_path, metadata, classes, words):
     tag = register_entry(tmp_path, metadata=metadata, classes=classes)
     with pytest.raises(EngineError, match=words):
@@ -126,9 +135,16 @@ def test_an_unreadable_store_is_one_engine_error(monkeypatch):
         check_model()
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("400000 100000", 4), ("junk", None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("max 100000\n", None),
+        ("150000 100000\n", 2),
+        ("50000 100000\n", 1),
+        ("400000 100000", 4),
+        ("junk", None),
+    ],
+)
 def test_cgroup_cpu_limit(tmp_path, text, expected):
     (tmp_path / "cpu.max").write_text(text)
     assert engine_module.cgroup_cpu_limit(tmp_path / "cpu.max") == expected
@@ -138,35 +154,57 @@ def test_cgroup_cpu_limit(tmp_path, text, expected):
 
 
 def graphs_of(*precisions: str) -> ModelFiles:
-    return ModelFiles(tag="vgg:test", graphs={p: Path(f"{p}.onnx") for p in precisions}, labels=CLASSES, test_scale=SCALE)
+    return ModelFiles(
+        tag="vgg:test", graphs={p: Path(f"{p}.onnx") for p in precisions}, labels=CLASSES, test_scale=SCALE
+    )
 
 
-@pytest.mark.parametrize(("have", "device", "expected"), [
-    (("fp32",), "cpu", "fp32"), (("fp32",), "cuda", "fp32"),
-    (("fp32", "int8"), "cpu", "int8"), (("fp32", "int8"), "cuda", "fp32"),
-    (("fp32", "fp16"), "cpu", "fp32"), (("fp32", "fp16"), "cuda", "fp16"),
-    (("int8",), "cpu", "int8"), (("fp16",), "cuda", "fp16"),
-])
+@pytest.mark.parametrize(
+    ("have", "device", "expected"),
+    [
+        (("fp32",), "cpu", "fp32"),
+        (("fp32",), "cuda", "fp32"),
+        (("fp32", "int8"), "cpu", "int8"),
+        (("fp32", "int8"), "cuda", "fp32"),
+        (("fp32", "fp16"), "cpu", "fp32"),
+        (("fp32", "fp16"), "cuda", "fp16"),
+        (("int8",), "cpu", "int8"),
+        (("fp16",), "cuda", "fp16"),
+    ],
+)
 def test_auto_precision_is_the_fastest_graph_the_device_runs(have, device, expected):
     assert choose_precision("auto", graphs_of(*have), device=device) == expected
 
 
-@pytest.mark.parametrize(("requested", "have", "device"), [
-    ("fp32", ("fp32", "int8"), "cpu"), ("int8", ("fp32", "int8"), "cpu"),
-    ("fp32", ("fp32", "fp16"), "cuda"), ("fp16", ("fp32", "fp16"), "cuda"),
-])
+@pytest.mark.parametrize(
+    ("requested", "have", "device"),
+    [
+        ("fp32", ("fp32", "int8"), "cpu"),
+        ("int8", ("fp32", "int8"), "cpu"),
+        ("fp32", ("fp32", "fp16"), "cuda"),
+        ("fp16", ("fp32", "fp16"), "cuda"),
+    ],
+)
 def test_an_explicit_precision_the_model_and_device_have_is_served(requested, have, device):
     assert choose_precision(requested, graphs_of(*have), device=device) == requested
 
 
-@pytest.mark.parametrize(("requested", "have", "device", "words"), [
-    ("int8", ("fp32",), "cpu", "VGG_PRECISION=int8: vgg:test has no int8 graph (it has fp32); export it with --precision int8"),
-    ("fp16", ("fp32", "int8"), "cuda", "has no fp16 graph (it has fp32+int8)"),
-    ("fp16", ("fp32", "fp16"), "cpu", "the CPU this server runs on does not serve fp16 graphs"),
-    ("int8", ("fp32", "int8"), "cuda", "the GPU (CUDA) this server runs on does not serve int8 graphs"),
-    ("auto", ("fp16",), "cpu", "vgg:test has only fp16 graphs, which the CPU does not run"),
-    ("bf16", ("fp32",), "cpu", "VGG_PRECISION='bf16': choose auto, fp32, fp16, int8"),
-])
+@pytest.mark.parametrize(
+    ("requested", "have", "device", "words"),
+    [
+        (
+            "int8",
+            ("fp32",),
+            "cpu",
+            "VGG_PRECISION=int8: vgg:test has no int8 graph (it has fp32); export it with --precision int8",
+        ),
+        ("fp16", ("fp32", "int8"), "cuda", "has no fp16 graph (it has fp32+int8)"),
+        ("fp16", ("fp32", "fp16"), "cpu", "the CPU this server runs on does not serve fp16 graphs"),
+        ("int8", ("fp32", "int8"), "cuda", "the GPU (CUDA) this server runs on does not serve int8 graphs"),
+        ("auto", ("fp16",), "cpu", "vgg:test has only fp16 graphs, which the CPU does not run"),
+        ("bf16", ("fp32",), "cpu", "VGG_PRECISION='bf16': choose auto, fp32, fp16, int8"),
+    ],
+)
 def test_a_precision_the_model_or_device_lacks_is_one_line(requested, have, device, words):
     with pytest.raises(EngineError, match=re.escape(words)) as error:
         choose_precision(requested, graphs_of(*have), device=device)
@@ -176,10 +214,19 @@ def test_a_precision_the_model_or_device_lacks_is_one_line(requested, have, devi
 def register_graphs(tmp_path: Path, graphs: dict[str, Path]) -> str:
     (tmp_path / "classes.json").write_text(json.dumps(CLASSES))
     files = {store.ONNX_FILES[precision]: path for precision, path in graphs.items()}
-    metadata = {"test_scale": SCALE, "num_classes": 3, "cfg": "A", "batch_norm": False, "crop": 3, "tta": "center",
-                "val_top1": 0.5, "precisions": list(graphs)}
-    return store.register(files={**files, "classes.json": tmp_path / "classes.json"}, labels={"cfg": "A"},
-                             metadata=metadata)
+    metadata = {
+        "test_scale": SCALE,
+        "num_classes": 3,
+        "cfg": "A",
+        "batch_norm": False,
+        "crop": 3,
+        "tta": "center",
+        "val_top1": 0.5,
+        "precisions": list(graphs),
+    }
+    return store.register(
+        files={**files, "classes.json": tmp_path / "classes.json"}, labels={"cfg": "A"}, metadata=metadata
+    )
 
 
 def test_the_cpu_engine_serves_the_int8_graph_of_a_store_entry_by_default(tmp_path, monkeypatch):
@@ -191,26 +238,76 @@ def test_the_cpu_engine_serves_the_int8_graph_of_a_store_entry_by_default(tmp_pa
     image = np.zeros((1, SCALE, SCALE, 3), dtype=np.uint8)
     image[..., 2] = 9  # blue: fp32 says blue, the sign-flipped "int8" graph says not blue
     engine = Engine(resolve_model(tag), intra_op_threads=1)
-    assert (engine.precision, engine.provider, engine.graph_path.name) == ("int8", "CPUExecutionProvider", "model.int8.onnx")
+    assert (engine.precision, engine.provider, engine.graph_path.name) == (
+        "int8",
+        "CPUExecutionProvider",
+        "model.int8.onnx",
+    )
     assert int(engine.run(image).argmax()) != 2
     engine = Engine(resolve_model(tag), precision="fp32", intra_op_threads=1)
     assert (engine.precision, engine.graph_path.name, int(engine.run(image).argmax())) == ("fp32", "model.onnx", 2)
     described = engine.describe()
-    assert described == {"tag": tag, "cfg": "A", "batch_norm": False, "num_classes": 3, "labels": CLASSES,
-                         "test_scale": SCALE, "crop": 3, "tta": "center", "precision": "fp32",
-                         "provider": "CPUExecutionProvider", "val_top1": 0.5}
+    assert described == {
+        "tag": tag,
+        "cfg": "A",
+        "batch_norm": False,
+        "num_classes": 3,
+        "labels": CLASSES,
+        "test_scale": SCALE,
+        "crop": 3,
+        "tta": "center",
+        "precision": "fp32",
+        "provider": "CPUExecutionProvider",
+        "val_top1": 0.5,
+    }
+
+
+def test_a_gpu_session_that_fails_falls_back_to_the_cpus_precision(tmp_path, monkeypatch):
+    """CUDA looked usable but its session failed (say, cuDNN missing): the CPU serves, with the
+    graph the CPU prefers; with the GPU required, one EngineError."""
+    fp32 = mean_colour_graph(tmp_path / "fp32.onnx", props=GOOD_PROPS)
+    int8 = mean_colour_graph(tmp_path / "int8.onnx", props={**GOOD_PROPS, "precision": "int8"}, sign=-1.0)
+    files = resolve_model(register_graphs(tmp_path, {"fp32": fp32, "int8": int8}))
+    real_open = engine_module._open_session
+
+    def no_cuda(graph, *, cuda, **options):
+        if cuda:
+            raise EngineError(f"{graph}: cannot create an ONNX Runtime session (libcudnn.so.9: not found)")
+        return real_open(graph, cuda=False, **options)
+
+    monkeypatch.setattr(engine_module, "_cuda_usable", lambda: True)
+    monkeypatch.setattr(engine_module, "_open_session", no_cuda)
+    engine = Engine(files, intra_op_threads=1)
+    assert (engine.provider, engine.precision) == ("CPUExecutionProvider", "int8")
+    with pytest.raises(EngineError, match="libcudnn"):
+        Engine(files, device="cuda")
+    with pytest.raises(EngineError, match="the GPU \\(CUDA\\) this server runs on does not serve int8"):
+        Engine(files, precision="int8")  # an explicit precision the GPU does not serve is not a fallback
 
 
 def test_a_bare_onnx_file_is_served_in_the_precision_its_metadata_names(tmp_path, monkeypatch):
     monkeypatch.setattr(engine_module, "_cuda_usable", lambda: False)
-    props = {**GOOD_PROPS, "precision": "int8", "cfg": "D", "batch_norm": "true", "crop": "3", "tta": "five",
-             "val_top1": "0.75"}
+    props = {
+        **GOOD_PROPS,
+        "precision": "int8",
+        "cfg": "D",
+        "batch_norm": "true",
+        "crop": "3",
+        "tta": "five",
+        "val_top1": "0.75",
+    }
     path = mean_colour_graph(tmp_path / "m.onnx", props=props)
     assert check_model(str(path), precision="auto") == "m.onnx"
     engine = Engine(resolve_model(str(path)), intra_op_threads=1)
     assert engine.precision == "int8"
     assert {k: engine.describe()[k] for k in ("cfg", "batch_norm", "crop", "tta", "val_top1", "test_scale")} == {
-        "cfg": "D", "batch_norm": True, "crop": 3, "tta": "five", "val_top1": 0.75, "test_scale": SCALE}
+        "cfg": "D",
+        "batch_norm": True,
+        "crop": 3,
+        "tta": "five",
+        "val_top1": 0.75,
+        "test_scale": SCALE,
+    }
     with pytest.raises(EngineError, match="VGG_PRECISION=fp32: m.onnx has no fp32 graph"):
         check_model(str(path), precision="fp32")
     old = mean_colour_graph(tmp_path / "old.onnx", props=GOOD_PROPS)  # exported before precisions were recorded

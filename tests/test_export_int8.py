@@ -76,3 +76,23 @@ def test_int8_without_enough_images_fails(trained):
     with pytest.raises(ExportError, match="int8 needs 500 calibration"):
         export_checkpoint(checkpoint, precision="int8", calibration_count=500)
     assert not store.has_model()
+
+
+@pytest.mark.slow
+def test_optional_int8_below_threshold_registers_fp32_and_says_why(trained, caplog):
+    checkpoint, _ = trained
+    result = export_checkpoint(checkpoint, precision="int8", calibration_count=8, agreement_count=12,
+                               min_agreement=1.01, int8_optional=True)
+    entry = store.latest_model()
+    assert str(entry.tag) == result.tag and set(store.model_files(entry)) == {"fp32"}
+    assert entry.info.metadata["precisions"] == ["fp32"] and result.metadata["precisions"] == ["fp32"]
+    assert "below the required 101%" in result.checks["int8_skipped"]
+    warnings = [record.getMessage() for record in caplog.records if "int8 graph not added" in record.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "below the required" in warnings[0]
+
+
+def test_optional_int8_without_enough_images_registers_fp32(trained):
+    checkpoint, _ = trained
+    result = export_checkpoint(checkpoint, precision="int8", calibration_count=500, int8_optional=True)
+    assert "int8 needs 500 calibration" in result.checks["int8_skipped"]
+    assert set(store.model_files(store.latest_model())) == {"fp32"}

@@ -30,8 +30,10 @@ def multipart_body(parts: list[tuple[str, str | None, bytes]]) -> bytes:
 
 
 def http_scope(path: str, body: bytes) -> dict[str, Any]:
-    headers = [(b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
-               (b"content-length", str(len(body)).encode())]
+    headers = [
+        (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
+        (b"content-length", str(len(body)).encode()),
+    ]
     return {"type": "http", "method": "POST", "path": path, "headers": headers, "query_string": b""}
 
 
@@ -49,7 +51,6 @@ class BentoEndpoint:
 
     async def __call__(self, scope, receive, send) -> None:
         from _bentoml_impl.serde import ALL_SERDE
-
         from bentoml._internal.context import ServiceContext
 
         self.saw_parsed_form = PARSED_FORM in scope
@@ -64,8 +65,10 @@ class BentoEndpoint:
 
 
 async def call(app, scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
-    messages = [{"type": "http.request", "body": body[:4000], "more_body": True},
-                {"type": "http.request", "body": body[4000:], "more_body": False}]
+    messages = [
+        {"type": "http.request", "body": body[:4000], "more_body": True},
+        {"type": "http.request", "body": body[4000:], "more_body": False},
+    ]
 
     async def receive():
         return messages.pop(0) if messages else {"type": "http.disconnect"}

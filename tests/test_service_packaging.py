@@ -174,8 +174,10 @@ def test_no_model_registered_fails_with_one_line(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("variables", "words"),
     [({"VGG_MODEL": "/nonexistent/model.onnx"}, "no such ONNX file"),
-     ({"VGG_MAX_BATCH_SIZE": "many"}, "VGG_MAX_BATCH_SIZE='many' is not an integer")],
-    ids=["missing-onnx-path", "bad-setting"],
+     ({"VGG_MAX_BATCH_SIZE": "many"}, "VGG_MAX_BATCH_SIZE='many' is not an integer"),
+     ({"VGG_WORKERS": "0"}, "VGG_WORKERS=0 must be at least 1"),
+     ({"VGG_PRECISION": "bf16"}, "VGG_PRECISION='bf16': choose one of auto, fp32, fp16, int8")],
+    ids=["missing-onnx-path", "bad-setting", "no-workers", "unknown-precision"],
 )
 def test_bad_configuration_fails_with_one_line(tmp_path, variables, words) -> None:
     result = start_failure(tmp_path, **variables)
@@ -214,9 +216,11 @@ def test_default_settings(monkeypatch) -> None:
     settings = Settings.from_env()
     assert settings.max_body_bytes == 20 * 1024 * 1024
     assert settings.max_batch_size == 32 and not settings.require_gpu
+    assert settings.precision == "auto" and settings.workers is None  # one worker per GPU, 1 on a CPU
 
 
-@pytest.mark.parametrize(("name", "value"), [("VGG_MAX_BODY_BYTES", "0"), ("VGG_MAX_BATCH_SIZE", "1"), ("VGG_MAX_PIXELS", "x")])
+@pytest.mark.parametrize(("name", "value"), [("VGG_MAX_BODY_BYTES", "0"), ("VGG_MAX_BATCH_SIZE", "1"), ("VGG_MAX_PIXELS", "x"),
+                                             ("VGG_WORKERS", "0"), ("VGG_WORKERS", "two"), ("VGG_PRECISION", "fp64")])
 def test_invalid_settings_are_refused(monkeypatch, name, value) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=name):

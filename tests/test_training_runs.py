@@ -3,6 +3,7 @@ real data, and the demo's bar (paper, section 3.1 recipe)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -237,3 +238,11 @@ def test_demo_run_reaches_95_percent_and_registers_the_served_model(tmp_path):
     check = subprocess.run([sys.executable, "-m", "vgg.store", "--check"], cwd=REPO_ROOT,
                            env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
+    shown = subprocess.run([sys.executable, "-m", "vgg.store"], cwd=REPO_ROOT,
+                           env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    metadata = json.loads(shown.stdout.split("\n", 1)[1])
+    # Without a GPU the run adds the int8 graph the service serves on the CPU (after its agreement check).
+    expected = ["fp32"] if torch.cuda.is_available() else ["fp32", "int8"]
+    assert metadata["precisions"] == expected, run.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "int8 top-1 agreement with fp32" in run.stderr
