@@ -42,8 +42,6 @@ from training.transforms import (
     RandomIsotropicRescale,
     Stats,
     TrainPreset,
-    dense_scales,
-    five_crop_boxes,
     pixel_stats,
 )
 from tests.training_helpers import coordinate_image, stats_identity, write_folder
@@ -207,17 +205,12 @@ def test_train_preset_without_augmentation_is_deterministic_and_normalised():
     assert augmented(image).shape == (3, 32, 32)
 
 
-def test_eval_preset_five_crops_of_the_served_square_in_torchvision_order():
-    preset = EvalPreset(test_scale=40, crop=32, stats=stats_identity())
-    five = preset(coordinate_image(40, 40))
-    assert five.shape == (5, 3, 32, 32)
-    origins = [(int(view[0, 0, 0]), int(view[1, 0, 0])) for view in five]
-    assert origins == [(0, 0), (8, 0), (0, 8), (8, 8), (4, 4)]
-    assert five_crop_boxes(40, 40, 32)[4] == (4, 4, 36, 36)
-    assert five_crop_boxes(41, 41, 32)[4] == (4, 4, 36, 36)  # torchvision's rounding: round(4.5) = 4
+def test_eval_preset_is_the_served_square_normalised():
+    stats = Stats(mean=[10.0, 20.0, 0.0], std=[2.0, 2.0, 1.0], pca_eigval=[0.0] * 3, pca_eigvec=np.eye(3).tolist())
     wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8))
     square = torch.tensor(to_graph_input(wide, 40), dtype=torch.float32).permute(2, 0, 1)
-    assert torch.equal(EvalPreset(test_scale=40, crop=32, stats=stats_identity())(wide)[4], square[:, 4:36, 4:36])
+    expected = (square - torch.tensor([10.0, 20.0, 0.0]).view(3, 1, 1)) / torch.tensor([2.0, 2.0, 1.0]).view(3, 1, 1)
+    assert torch.equal(EvalPreset(test_scale=40, stats=stats)(wide), expected)
 
 
 class MeanRedClassifier(torch.nn.Module):
@@ -228,19 +221,15 @@ class MeanRedClassifier(torch.nn.Module):
         return torch.stack([128 - red, red - 128], dim=1)
 
 
-def test_evaluate_centre_metric_uses_the_fifth_crop():
-    """An image bright only in its centre: the centre crop says class 1, FiveCrop says class 0."""
-    five = torch.zeros(2, 5, 3, 4, 4)
-    five[:, 4, 0] = 255.0
-    result = evaluate(MeanRedClassifier(), [(five, torch.tensor([1, 1]))], device=torch.device("cpu"), amp=False,
-                      channels_last=False, show_progress=False)
+def test_evaluate_centre_metric_uses_the_centre_crop():
+    """A 6x6 square bright only in its central 4x4 crop's middle: the centre crop says class 1,
+    the mean over the five crops class 0."""
+    squares = torch.zeros(2, 3, 6, 6)
+    squares[:, 0, 1:5, 1:5] = 255.0
+    squares[:, 0, 1, 1] = squares[:, 0, 4, 4] = squares[:, 0, 1, 4] = squares[:, 0, 4, 1] = 0.0
+    result = evaluate(MeanRedClassifier(), [(squares, torch.tensor([1, 1]))], crop=4, device=torch.device("cpu"),
+                      amp=False, channels_last=False, show_progress=False)
     assert result["center_top1"] == 1.0 and result["five_top1"] == 0.0
-
-
-@pytest.mark.parametrize(("scale_range", "crop", "expected"),
-                         [((256, 256), 224, [224, 256, 288]), ((256, 512), 224, [256, 384, 512]), ((36, 36), 32, [32, 36, 68])])
-def test_dense_scales_follow_section_4_2(scale_range, crop, expected):
-    assert dense_scales(scale_range, crop) == expected
 
 
 # ---------------------------------------------------------------- data
@@ -329,8 +318,8 @@ def test_any_image_mode_loads_as_rgb(tmp_path, mode):
     path.parent.mkdir()
     image.save(path)
     _, samples = datasets.list_image_folder(tmp_path)
-    tensor, label = datasets.ImageDataset(samples, EvalPreset(test_scale=40, crop=32, stats=stats_identity()))[0]
-    assert label == 0 and tensor.shape == (5, 3, 32, 32)
+    tensor, label = datasets.ImageDataset(samples, EvalPreset(test_scale=40, stats=stats_identity()))[0]
+    assert label == 0 and tensor.shape == (3, 40, 40)
 
 
 def test_demo_images_are_deterministic_and_classes_differ():

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from vgg import to_dense
+from vgg import protocols, to_dense
 
 log = logging.getLogger(__name__)
 
 SYNC_EVERY = 10  # steps between reading the running loss back from the device
+VALIDATION_PROTOCOLS = ("center", "five")  # per-epoch validation; "five" picks the best epoch
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _progress(iterable, *, total: int, description: str, enabled: bool):
+def progress_bar(iterable, *, total: int, description: str, enabled: bool):
     return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True,
                 disable=not (enabled and sys.stderr.isatty()))
 
@@ -66,7 +67,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
     seen = torch.zeros((), dtype=torch.float64, device=device)
-    bar = _progress(loader, total=len(loader), description=f"epoch {epoch}", enabled=show_progress)
+    bar = progress_bar(loader, total=len(loader), description=f"epoch {epoch}", enabled=show_progress)
     distributed = isinstance(model, nn.parallel.DistributedDataParallel)
     for step, batch in enumerate(bar, start=1):
         if batch is None:
@@ -128,44 +129,46 @@ def topk_correct(probabilities: torch.Tensor, labels: torch.Tensor, k: int) -> i
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device, amp: bool, channels_last: bool,
+def evaluate(model: nn.Module, loader, *, crop: int, device: torch.device, amp: bool, channels_last: bool,
              show_progress: bool = True) -> dict[str, float]:
-    """Top-1/top-5 accuracy with the single centre crop and with FiveCrop (softmax averaged
-    over the five crops, the TTA the service runs). The loader yields the five crops
-    ``[N, 5, 3, c, c]`` in torchvision's order; the centre crop is the fifth."""
+    """Top-1/top-5 accuracy of the ``center`` and ``five`` protocols (:mod:`vgg.protocols`;
+    ``five`` is the TTA the service runs) from one forward pass of the five crops. The loader
+    yields normalised ``Q x Q`` squares ``[N, 3, Q, Q]`` and labels."""
     model.eval()
-    counts = {"center_top1": 0, "center_top5": 0, "five_top1": 0, "five_top5": 0}
+    network = network_fn(model, device=device, amp=amp, channels_last=channels_last)
+    counts = {f"{name}_top{k}": 0 for name in VALIDATION_PROTOCOLS for k in (1, 5)}
     total = 0
-    for batch in _progress(loader, total=len(loader), description="val", enabled=show_progress):
+    for batch in progress_bar(loader, total=len(loader), description="val", enabled=show_progress):
         if batch is None:
             continue
-        five, labels = batch
-        n = len(labels)
-        images = five.flatten(0, 1).to(device)
+        squares, labels = batch
+        posteriors = protocols.crop_posteriors(network, squares.to(device), VALIDATION_PROTOCOLS, crop)
+        for name, probs in posteriors.items():
+            counts[f"{name}_top1"] += topk_correct(probs.cpu(), labels, 1)
+            counts[f"{name}_top5"] += topk_correct(probs.cpu(), labels, 5)
+        total += len(labels)
+    return {key: value / max(total, 1) for key, value in counts.items()}
+
+
+def network_fn(model: nn.Module, *, device: torch.device, amp: bool, channels_last: bool):
+    """``model`` as a function of a batch of views: channels-last and bf16 autocast as asked."""
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
-            probabilities = model(images).float().softmax(dim=1).cpu().view(n, 5, -1)
-        center_probs = probabilities[:, 4]
-        five_probs = probabilities.mean(dim=1)
-        for name, probs in (("center", center_probs), ("five", five_probs)):
-            counts[f"{name}_top1"] += topk_correct(probs, labels, 1)
-            counts[f"{name}_top5"] += topk_correct(probs, labels, 5)
-        total += n
-    return {key: value / max(total, 1) for key, value in counts.items()}
+            return model(images).float()
+
+    return forward
 
 
 @torch.no_grad()
 def dense_probabilities(dense: nn.Module, views: list[torch.Tensor], *, device: torch.device, amp: bool) -> torch.Tensor:
-    """Section 3.2 for one image: ``dense`` (spatially averaged class scores) on each scale's
-    view and its horizontal flip, softmax per view, averaged: ``[1, classes]``."""
-    probabilities = []
-    for image in views:
-        x = image.unsqueeze(0).to(device)
-        with autocast(device, amp):
-            for flipped in (x, x.flip(3)):
-                probabilities.append(dense(flipped).float().softmax(dim=1).cpu())
-    return torch.cat(probabilities).mean(dim=0, keepdim=True)
+    """Section 3.2 for one image: the ``dense`` protocol (:mod:`vgg.protocols`) at each
+    scale's whole image ``[3, H, W]``, averaged over the scales: ``[1, classes]``."""
+    network = network_fn(dense, device=device, amp=amp, channels_last=False)
+    return protocols.mean_posterior([protocols.dense_posterior(network, image.unsqueeze(0).to(device)).cpu()
+                                     for image in views])
 
 
 @torch.no_grad()

@@ -36,10 +36,11 @@ from training.config import TrainConfig
 from training.demo import DEMO_OVERRIDES, demo_data_dir, ensure_demo_data
 from training.engine import evaluate, evaluate_dense, train_one_epoch
 from training.lr import PlateauState, plateau_step
-from training.transforms import DensePreset, EvalPreset, Stats, TrainPreset, dense_scales, pixel_stats
+from training.transforms import DensePreset, EvalPreset, Stats, TrainPreset, pixel_stats
 from vgg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from vgg.errors import OneLineArgumentParser, one_line
 from vgg.preprocessing import MAX_SCALE, MIN_CROP
+from vgg.protocols import multi_scale_test_scales
 
 log = logging.getLogger("training")
 
@@ -401,12 +402,12 @@ def make_loaders(config: TrainConfig, splits: datasets.Splits, stats: Stats, run
     train_loader = DataLoader(train_set, batch_size=config.batch_size // runtime.world_size, sampler=sampler,
                               collate_fn=datasets.collate_skipping, num_workers=workers, pin_memory=pin,
                               generator=generator)
-    val_set = datasets.ImageDataset(splits.val, EvalPreset(test_scale=config.test_scale, crop=config.crop, stats=stats))
+    val_set = datasets.ImageDataset(splits.val, EvalPreset(test_scale=config.test_scale, stats=stats))
     val_loader = DataLoader(val_set, batch_size=max(1, config.batch_size // 5), collate_fn=datasets.collate_skipping,
                             num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     dense_loader = None
     if config.eval_dense:
-        dense_set = datasets.ImageDataset(splits.val, DensePreset(scales=dense_scales(config.scale_range, config.crop), stats=stats))
+        dense_set = datasets.ImageDataset(splits.val, DensePreset(scales=multi_scale_test_scales(config.scale_range, config.crop), stats=stats))
         dense_loader = datasets.ReportingLoader(
             DataLoader(dense_set, batch_size=8, collate_fn=datasets.collate_lists, num_workers=workers))
     return Loaders(sampler=sampler, train=datasets.ReportingLoader(train_loader), val=datasets.ReportingLoader(val_loader),
@@ -597,7 +598,7 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer, init: str,
 
 def evaluate_epoch(model, val_loader, dense_loader, *, config: TrainConfig, runtime: Runtime,
                    channels_last: bool) -> dict[str, float]:
-    accuracy = evaluate(model, val_loader, device=runtime.device, amp=config.amp, channels_last=channels_last)
+    accuracy = evaluate(model, val_loader, crop=config.crop, device=runtime.device, amp=config.amp, channels_last=channels_last)
     if dense_loader is not None:
         accuracy.update(evaluate_dense(model, dense_loader, crop=config.crop, device=runtime.device, amp=config.amp))
     return {f"{key}_err": 1 - value for key, value in accuracy.items()}

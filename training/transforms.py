@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vgg.preprocessing import center_crop, center_offset, resize_shortest_side, to_graph_input
+from vgg.preprocessing import center_crop, resize_shortest_side, to_graph_input
 
 
 def _randint(low: int, high: int) -> int:
@@ -169,40 +169,18 @@ class TrainPreset:
         return image
 
 
-def five_crop_boxes(width: int, height: int, crop: int) -> list[tuple[int, int, int, int]]:
-    """torchvision's FiveCrop order: top-left, top-right, bottom-left, bottom-right, centre."""
-    left, top = center_offset(width, crop), center_offset(height, crop)
-    return [
-        (0, 0, crop, crop),
-        (width - crop, 0, width, crop),
-        (0, height - crop, crop, height),
-        (width - crop, height - crop, width, height),
-        (left, top, left + crop, top + crop),
-    ]
-
-
 class EvalPreset:
-    """Validation views of one image at test scale Q (section 3.2): the five crops
-    ``[5, 3, c, c]`` (torchvision's order, the centre crop last) of
-    :func:`vgg.preprocessing.to_graph_input`'s ``Q x Q`` square, the service's input."""
+    """Validation input of one image at test scale Q (section 3.2): the normalised ``Q x Q``
+    square ``[3, Q, Q]`` of :func:`vgg.preprocessing.to_graph_input` (the service's input);
+    :mod:`vgg.protocols` cuts the protocols' crops from it."""
 
-    def __init__(self, *, test_scale: int, crop: int, stats: Stats) -> None:
-        self.test_scale, self.crop = test_scale, crop
-        self.normalize = Normalize(stats.mean, stats.std)
+    def __init__(self, *, test_scale: int, stats: Stats) -> None:
+        self.test_scale = test_scale
+        self.to_tensor, self.normalize = ToTensor(), Normalize(stats.mean, stats.std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        square = torch.tensor(to_graph_input(image, self.test_scale), dtype=torch.float32).permute(2, 0, 1)
-        views = [square[:, top:bottom, left:right] for left, top, right, bottom in
-                 five_crop_boxes(self.test_scale, self.test_scale, self.crop)]
-        return self.normalize(torch.stack(views))
-
-
-def dense_scales(scale_range: tuple[int, int], crop: int) -> list[int]:
-    """Section 4.2: Q in {S-32, S, S+32} for fixed S, {Smin, (Smin+Smax)/2, Smax} for jittered S
-    (never below the crop)."""
-    smin, smax = scale_range
-    scales = [smin - 32, smin, smin + 32] if smin == smax else [smin, (smin + smax) // 2, smax]
-    return sorted({max(crop, q) for q in scales})
+        square = torch.from_numpy(to_graph_input(image, self.test_scale).copy()).permute(2, 0, 1).float()
+        return self.normalize(square)
 
 
 class DensePreset:

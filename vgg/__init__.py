@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from vgg.pretrain import init_from_shallower
 
 
-_SUBMODULES = ("checkpoint", "dense", "errors", "model", "preprocessing", "pretrain", "store")
+_SUBMODULES = ("checkpoint", "dense", "errors", "model", "preprocessing", "pretrain", "protocols", "store")
 
 
 def __getattr__(name: str) -> Any:
