@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="test scale Q: side of the square input image (default: the checkpoint's)")
     # The flag's earlier name, still accepted.
     parser.add_argument("--scale", dest="test_scale", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--test-scales", type=count_at_least(1), nargs="+", default=None, metavar="Q",
+                        help="several test scales (paper, section 4.2), e.g. --tta dense --test-scales 256 384 512: "
+                        "the graph takes the largest Q and resizes inside; posteriors averaged over the scales")
     parser.add_argument("--out", default=None, help="also write the requested precision's .onnx here")
     parser.add_argument("--no-register", dest="register", action="store_false",
                         help="do not register in the BentoML store (needs --out)")
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         show_exporter_logs()
     try:
         result = export_checkpoint(
-            args.checkpoint, tta=args.tta, precision=args.precision, test_scale=args.test_scale, out=args.out,
+            args.checkpoint, tta=args.tta, precision=args.precision, test_scale=args.test_scale,
+            test_scales=args.test_scales, out=args.out,
             register=args.register, check_images=args.check_images, calibration=args.calibration,
             calibration_count=args.calibration_images, agreement_count=args.agreement_images,
             min_agreement=args.min_agreement, labels=args.labels,

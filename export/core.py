@@ -74,9 +74,10 @@ class _Source:
     mean: list[float]
     std: list[float]
     crop: int
-    test_scale: int
+    test_scale: int  # the graph's input Q x Q: the largest test scale
     sha256: str
     data_folder: Path | None
+    test_scales: list[int] = field(default_factory=list)  # the test scales Q the graph averages
 
 
 def _sha256(path: Path) -> str:
@@ -87,7 +88,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _load_source(checkpoint_path: Path, *, test_scale: int | None, labels: str | os.PathLike | None = None) -> _Source:
+def _load_source(
+    checkpoint_path: Path,
+    *,
+    test_scale: int | None,
+    labels: str | os.PathLike | None = None,
+    test_scales: Sequence[int] | None = None,
+) -> _Source:
     try:
         checkpoint = load_any(checkpoint_path, labels=read_labels(labels) if labels is not None else None)
         model = model_from_checkpoint(checkpoint)
@@ -106,12 +113,18 @@ def _load_source(checkpoint_path: Path, *, test_scale: int | None, labels: str |
     _check_source(checkpoint_path, checkpoint, model, mean=mean, std=std, crop=crop, classes=classes)
     if stored_scale is not None:
         _check_scale(saved_test_scale, crop=crop, where=f"{checkpoint_path}: its preprocess test_scale")
+    if test_scale is not None and test_scales:
+        raise ExportError("give --test-scale Q or --test-scales Q..., not both")
     where = "the default test scale" if test_scale is None else "--test-scale"
     test_scale = saved_test_scale if test_scale is None else test_scale
     _check_scale(test_scale, crop=crop, where=where)
+    scales = sorted({int(q) for q in test_scales}) if test_scales else [test_scale]
+    for q in scales:
+        _check_scale(q, crop=crop, where="--test-scales")
     config = checkpoint.get("config") or {}
     data = config.get("data") if isinstance(config, dict) else None
-    return _Source(checkpoint, model, mean, std, crop, test_scale, _sha256(checkpoint_path), check.training_folder(data))
+    return _Source(checkpoint, model, mean, std, crop, scales[-1], _sha256(checkpoint_path), check.training_folder(data),
+                   test_scales=scales)
 
 
 def _whole_number(value: Any, name: str) -> int:
@@ -153,6 +166,7 @@ def _metadata(source: _Source, *, tta: str) -> dict[str, Any]:
         "batch_norm": bool(arch["batch_norm"]),
         "num_classes": int(arch["num_classes"]),
         store.TEST_SCALE_KEY: source.test_scale,
+        **({"test_scales": source.test_scales} if len(source.test_scales) > 1 else {}),
         "crop": source.crop,
         "mean": source.mean,
         "std": source.std,
@@ -182,7 +196,8 @@ def _check_inputs(source: _Source, check_images: Sequence[os.PathLike | str] | n
 
 def _export_graph(source: _Source, *, tta: str, half: bool) -> onnx.ModelProto:
     graph = InferenceGraph(
-        source.model, mean=source.mean, std=source.std, crop=source.crop, test_scale=source.test_scale, tta=tta, half=half
+        source.model, mean=source.mean, std=source.std, crop=source.crop, test_scale=source.test_scale, tta=tta,
+        half=half, test_scales=source.test_scales,
     )
     exporter_chatter = io.StringIO()
     try:
@@ -204,7 +219,8 @@ def _write(model: onnx.ModelProto, path: Path, metadata: dict[str, Any], *, prec
 
 def _check_fp32(path: Path, source: _Source, images: np.ndarray, *, tta: str) -> tuple[float, np.ndarray]:
     probs = check.run_onnx(check.session(path), images)
-    reference = reference_probs(source.model, images, mean=source.mean, std=source.std, crop=source.crop, tta=tta)
+    reference = reference_probs(source.model, images, mean=source.mean, std=source.std, crop=source.crop, tta=tta,
+                                test_scales=source.test_scales)
     max_diff = float(np.abs(probs - reference).max())
     if not max_diff <= FP32_TOLERANCE:  # also catches NaN
         raise ExportError(
@@ -355,6 +371,7 @@ def export_checkpoint(
     tta: str = "five",
     precision: str = "fp32",
     test_scale: int | None = None,
+    test_scales: Sequence[int] | None = None,
     out: str | os.PathLike | None = None,
     register: bool = True,
     check_images: Sequence[os.PathLike | str] | np.ndarray | None = None,
@@ -369,7 +386,9 @@ def export_checkpoint(
     :func:`vgg.checkpoint.load_any`) to ONNX, check it against PyTorch, register it.
 
     The fp32 graph is always built and checked (max abs diff <= :data:`FP32_TOLERANCE` vs the
-    torchvision reference); ``precision="fp16"`` or ``"int8"`` adds that graph and its check.
+    PyTorch reference of :mod:`export.reference`); ``precision="fp16"`` or ``"int8"`` adds that graph and its check.
+    ``test_scales``: several test scales Q (section 4.2): the graph takes the largest and
+    resizes inside, posteriors averaged over the scales (``test_scale`` gives one Q).
     ``check_images``: image files (or uint8 ``[N, Q, Q, 3]`` arrays) for the checks; by default
     the first few of the checkpoint's training folder. Random images are always added.
     ``calibration``: int8 calibration folder (default: the training folder).
@@ -389,7 +408,7 @@ def export_checkpoint(
     _check_out(out)
     if calibration_count < 1 or agreement_count < 1:
         raise ExportError(f"int8 image counts must be at least 1, got {calibration_count} and {agreement_count}")
-    source = _load_source(Path(checkpoint_path), test_scale=test_scale, labels=labels)
+    source = _load_source(Path(checkpoint_path), test_scale=test_scale, labels=labels, test_scales=test_scales)
     metadata = _metadata(source, tta=tta)
     precisions = ["fp32"] if precision == "fp32" else ["fp32", precision]
     classes = [str(name) for name in source.checkpoint["classes"]]

@@ -5,7 +5,8 @@ outside it (the service only decodes and resizes, with :func:`vgg.preprocessing.
 
 1. ``images`` uint8 ``[N, Q, Q, 3]`` RGB -> float, minus the training-set mean, divided by its
    std (pixel units, paper section 2.1), NHWC -> NCHW.
-2. Test-time views (paper, section 3.2 "multi-crop evaluation" and "dense evaluation"):
+2. Test-time views (paper, section 3.2 "multi-crop evaluation" and "dense evaluation"), as
+   :mod:`vgg.protocols` defines them:
 
    - ``five``: torchvision ``FiveCrop`` order: top-left, top-right, bottom-left, bottom-right, centre.
    - ``ten``: the five crops, then the five crops of the horizontally flipped image
@@ -15,6 +16,9 @@ outside it (the service only decodes and resizes, with :func:`vgg.preprocessing.
      image and on its horizontal flip, each score map spatially averaged.
 3. One batched forward of all views, softmax per view, mean over views -> ``probs`` float32
    ``[N, num_classes]``.
+4. Several test scales (section 4.2, ``test_scales``): the input is the largest Q; the graph
+   resizes it to each smaller Q (ONNX ``Resize``, bilinear, antialiased), runs steps 2-3 at
+   every Q and averages the posteriors over the scales.
 """
 
 from __future__ import annotations
@@ -25,36 +29,32 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from vgg import VGG, to_dense
-from vgg.preprocessing import center_offset
+from vgg import VGG, protocols, to_dense
 
-__all__ = ["TTA_MODES", "Tta", "crop_offsets", "InferenceGraph"]
+__all__ = ["TTA_MODES", "Tta", "InferenceGraph", "graph_scales"]
 
 Tta = Literal["five", "ten", "center", "dense"]
 TTA_MODES: tuple[str, ...] = ("five", "ten", "center", "dense")
 
 
-def crop_offsets(*, test_scale: int, crop: int, tta: Tta) -> list[tuple[int, int]]:
-    """``(top, left)`` of each crop cut from one (possibly flipped) ``Q x Q`` image (Q = ``test_scale``).
-
-    ``five``/``ten`` give torchvision's FiveCrop order (TL, TR, BL, BR, centre); ``center``
-    the centre crop only; ``dense`` no crops (the whole image is the view).
-    """
-    if crop > test_scale:
-        raise ValueError(f"crop {crop} is larger than the test scale {test_scale}")
-    far = test_scale - crop
-    middle = center_offset(test_scale, crop)
-    if tta in ("five", "ten"):
-        return [(0, 0), (0, far), (far, 0), (far, far), (middle, middle)]
-    if tta == "center":
-        return [(middle, middle)]
-    if tta == "dense":
-        return []
-    raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+def graph_scales(*, test_scale: int, crop: int, tta: str, test_scales: Sequence[int] | None = None) -> list[int]:
+    """The test scales Q a graph evaluates, sorted: ``test_scales`` or ``[test_scale]``; its
+    input is the largest. Raises ``ValueError`` for an unknown ``tta`` or a Q below the crop."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown tta {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    scales = sorted(set(test_scales)) if test_scales else [test_scale]
+    if scales[0] < crop:
+        raise ValueError(f"crop {crop} is larger than the test scale {scales[0]}")
+    return scales
 
 
 class InferenceGraph(nn.Module):
     """``images`` uint8 ``[N, Q, Q, 3]`` -> ``probs`` float32 ``[N, num_classes]``.
+
+    The views, flips and averaging are :mod:`vgg.protocols`'. With several ``test_scales`` the
+    input is the ``Qmax x Qmax`` square; each smaller Q is resized from it inside the graph
+    (:func:`vgg.protocols.resize_square`: ONNX ``Resize``, bilinear, antialiased) and the
+    posteriors are averaged over the scales (section 4.2).
 
     ``half=True`` runs the network in float16 (for GPUs); normalisation, softmax and the
     average over views stay in float32, so inputs and outputs keep their dtypes.
@@ -70,32 +70,28 @@ class InferenceGraph(nn.Module):
         test_scale: int,
         tta: Tta = "five",
         half: bool = False,
+        test_scales: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.offsets = crop_offsets(test_scale=test_scale, crop=crop, tta=tta)
-        self.tta, self.crop, self.test_scale, self.half = tta, crop, test_scale, half
+        self.scales = graph_scales(test_scale=test_scale, crop=crop, tta=tta, test_scales=test_scales)
+        self.tta, self.crop, self.test_scale, self.half = tta, crop, self.scales[-1], half
         model = copy.deepcopy(model)  # .half() and to_dense must not touch the caller's model
         network: nn.Module = to_dense(model, crop=crop) if tta == "dense" else model
         self.network = network.eval().half() if half else network.eval()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
-    def _views(self, image: torch.Tensor) -> list[torch.Tensor]:
-        if self.tta == "dense":
-            return [image, image.flip(3)]
-        images = [image, image.flip(3)] if self.tta == "ten" else [image]
-        size = self.crop
-        return [
-            one[:, :, top : top + size, left : left + size] for one in images for top, left in self.offsets
-        ]
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.half:
+            batch = batch.to(torch.float16)
+        return self.network(batch).to(torch.float32)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.permute(0, 3, 1, 2).to(torch.float32)
         normalised = (pixels - self.mean) / self.std
-        views = self._views(normalised)
-        batch = torch.cat(views, dim=0)  # view-major: [V * N, 3, h, w]
-        if self.half:
-            batch = batch.to(torch.float16)
-        logits = self.network(batch).to(torch.float32)
-        probs = torch.softmax(logits, dim=1)
-        return probs.view(len(views), images.shape[0], -1).mean(dim=0)
+        return protocols.mean_posterior([self._posterior(protocols.resize_square(normalised, q)) for q in self.scales])
+
+    def _posterior(self, images: torch.Tensor) -> torch.Tensor:
+        if self.tta == "dense":
+            return protocols.dense_posterior(self._logits, images)
+        return protocols.crop_posterior(self._logits, images, self.tta, self.crop)

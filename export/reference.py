@@ -1,9 +1,10 @@
-"""The PyTorch reference the exported graph is checked against, built independently of it.
+"""The PyTorch reference the exported graph is checked against: the eager evaluation of
+:mod:`vgg.protocols` (the code training's validation and ``python -m training.evaluate``
+run), image by image, on the same uint8 ``Q x Q`` input the graph receives.
 
-It follows the paper's test protocol (section 3.2) with torchvision's own transforms on the
-same uint8 ``Q x Q`` image the graph receives: ``FiveCrop`` / ``TenCrop`` / ``CenterCrop``
-(``transforms.v2``), per-channel normalisation, the model in eval mode, softmax, mean over
-crops. ``dense`` uses :func:`vgg.to_dense` on the whole image and its horizontal flip.
+Per-channel normalisation, each test scale resized from the input
+(:func:`vgg.protocols.resize_square`), the protocol's views through the model in eval mode
+(``dense``: :func:`vgg.to_dense`), softmax per view, mean over views and scales.
 """
 
 from __future__ import annotations
@@ -12,23 +13,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
-from vgg import VGG, to_dense
+from vgg import VGG, protocols, to_dense
 
 __all__ = ["reference_probs"]
-
-
-def _views(image: torch.Tensor, *, crop: int, tta: str) -> list[torch.Tensor]:
-    if tta == "five":
-        return list(v2.FiveCrop(crop)(image))
-    if tta == "ten":
-        return list(v2.TenCrop(crop)(image))
-    if tta == "center":
-        return [v2.CenterCrop(crop)(image)]
-    if tta == "dense":
-        return [image, v2.functional.horizontal_flip(image)]
-    raise ValueError(f"unknown tta {tta!r}")
 
 
 @torch.no_grad()
@@ -40,15 +28,25 @@ def reference_probs(
     std: Sequence[float],
     crop: int,
     tta: str,
+    test_scales: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Class probabilities ``[N, C]`` (float64) for uint8 ``images`` ``[N, Q, Q, 3]``."""
+    """Class probabilities ``[N, C]`` (float64) for uint8 ``images`` ``[N, Q, Q, 3]``;
+    ``test_scales`` (default: ``[Q]``) are resized from the ``Q x Q`` input."""
     model = model.eval()
     network = to_dense(model, crop=crop).eval() if tta == "dense" else model
-    normalise = v2.Normalize(mean=list(mean), std=list(std))
+    mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1)
+    scales = sorted(set(test_scales)) if test_scales else [images.shape[1]]
     results = []
     for image in images:
-        chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # uint8 [3, Q, Q]
-        views = [normalise(view.to(torch.float32)) for view in _views(chw, crop=crop, tta=tta)]
-        probs = torch.softmax(network(torch.stack(views)).double(), dim=1)
-        results.append(probs.mean(dim=0))
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(torch.float32)
+        normalised = (pixels - mean_t) / std_t
+        posteriors = []
+        for q in scales:
+            resized = protocols.resize_square(normalised, q)
+            if tta == "dense":
+                posteriors.append(protocols.dense_posterior(network, resized))
+            else:
+                posteriors.append(protocols.crop_posterior(network, resized, tta, crop))
+        results.append(protocols.mean_posterior(posteriors)[0].double())
     return torch.stack(results).numpy()

@@ -10,14 +10,18 @@ import struct
 import numpy as np
 import onnx
 import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from export import ExportError, export_checkpoint
 from export.check import random_images, run_onnx, session
-from export.graph import InferenceGraph, crop_offsets
+from export.graph import InferenceGraph, graph_scales
 from export.onnx_io import OPSET, read_metadata, to_onnx
 from export.reference import reference_probs
 from vgg import store
 from tests.export_helpers import CROP, MEAN, SCALE, STD, peaky_model, write_checkpoint
+from vgg import to_dense
 
 pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
 
@@ -34,10 +38,11 @@ def sessions(model):
     """tta/scale -> ORT session of the exported graph (exported once per module)."""
     cache = {}
 
-    def get(tta: str, scale: int, batch_norm_model=None):
-        key = (tta, scale, batch_norm_model is not None)
+    def get(tta: str, scale: int, batch_norm_model=None, test_scales=None):
+        key = (tta, scale, batch_norm_model is not None, tuple(test_scales or ()))
         if key not in cache:
-            graph = InferenceGraph(batch_norm_model or model, mean=MEAN, std=STD, crop=CROP, test_scale=scale, tta=tta)
+            graph = InferenceGraph(batch_norm_model or model, mean=MEAN, std=STD, crop=CROP, test_scale=scale, tta=tta,
+                                   test_scales=test_scales)
             proto = to_onnx(graph)
             onnx.checker.check_model(proto, full_check=True)
             cache[key] = session(proto)
@@ -46,12 +51,36 @@ def sessions(model):
     return get
 
 
-def test_crop_offsets_follow_torchvision_fivecrop_order():
-    # TL, TR, BL, BR, centre; centre uses torchvision's int(round((37 - 32) / 2)) == 2
-    assert crop_offsets(test_scale=37, crop=32, tta="five") == [(0, 0), (0, 5), (5, 0), (5, 5), (2, 2)]
-    assert crop_offsets(test_scale=37, crop=32, tta="center") == [(2, 2)]
+@torch.no_grad()
+def torchvision_probs(model, images: np.ndarray, *, tta: str, test_scales=None) -> np.ndarray:
+    """An independent reference: torchvision's FiveCrop/TenCrop/CenterCrop (or the dense net on
+    the image and its flip) on each test scale, resized with ``F.interpolate`` (antialiased
+    bilinear); softmax per view, mean over views and scales."""
+    network = to_dense(model, crop=CROP).eval() if tta == "dense" else model.eval()
+    crops = {"five": v2.FiveCrop(CROP), "ten": v2.TenCrop(CROP), "center": lambda x: [v2.CenterCrop(CROP)(x)],
+             "dense": lambda x: [x, v2.functional.horizontal_flip(x)]}[tta]
+    normalise = v2.Normalize(mean=MEAN, std=STD)
+    results = []
+    for image in images:
+        chw = normalise(torch.from_numpy(image.copy()).permute(2, 0, 1).float())
+        per_scale = []
+        for q in test_scales or [image.shape[0]]:
+            resized = chw if q == image.shape[0] else F.interpolate(chw[None], size=(q, q), mode="bilinear", antialias=True)[0]
+            views = torch.stack(list(crops(resized)))
+            per_scale.append(torch.softmax(network(views).double(), dim=1).mean(dim=0))
+        results.append(torch.stack(per_scale).mean(dim=0))
+    return torch.stack(results).numpy()
+
+
+def test_graph_scales_and_bad_geometry():
+    assert graph_scales(test_scale=37, crop=32, tta="five") == [37]
+    assert graph_scales(test_scale=37, crop=32, tta="dense", test_scales=[64, 40, 48]) == [40, 48, 64]
     with pytest.raises(ValueError, match="larger"):
-        crop_offsets(test_scale=30, crop=32, tta="five")
+        graph_scales(test_scale=30, crop=32, tta="five")
+    with pytest.raises(ValueError, match="larger"):
+        graph_scales(test_scale=37, crop=32, tta="dense", test_scales=[30, 48])
+    with pytest.raises(ValueError, match="unknown tta"):
+        graph_scales(test_scale=37, crop=32, tta="twelve")
 
 
 @pytest.mark.slow
@@ -60,11 +89,26 @@ def test_crop_offsets_follow_torchvision_fivecrop_order():
 def test_graph_matches_torchvision_reference(sessions, model, tta, scale, batch):
     images = random_images(batch, test_scale=scale, seed=batch)
     probs = run_onnx(sessions(tta, scale), images)
-    reference = reference_probs(model, images, mean=MEAN, std=STD, crop=CROP, tta=tta)
+    reference = torchvision_probs(model, images, tta=tta)
     assert probs.shape == (batch, len(CLASSES)) and probs.dtype == np.float32
     assert reference.max() > 0.5, "model too flat for the comparison to mean anything"
     assert np.abs(probs - reference).max() <= 1e-4
+    assert np.abs(reference_probs(model, images, mean=MEAN, std=STD, crop=CROP, tta=tta) - reference).max() <= 1e-5
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tta", "test_scales"), [("dense", [32, 48, 64]), ("five", [37, 64])])
+def test_multi_scale_graph_resizes_inside_and_matches_the_reference(sessions, model, tta, test_scales):
+    """Several Q: the input is the largest; ONNX Resize (antialiased bilinear) makes the others."""
+    images = random_images(2, test_scale=max(test_scales), seed=11)
+    probs = run_onnx(sessions(tta, max(test_scales), test_scales=test_scales), images)
+    reference = torchvision_probs(model, images, tta=tta, test_scales=test_scales)
+    assert np.abs(probs - reference).max() <= 1e-4
+    ours = reference_probs(model, images, mean=MEAN, std=STD, crop=CROP, tta=tta, test_scales=test_scales)
+    assert np.abs(ours - reference).max() <= 1e-5
+    largest_only = torchvision_probs(model, images, tta=tta)
+    assert np.abs(probs - largest_only).max() > 1e-3  # the smaller scales count
 
 
 @pytest.mark.slow
@@ -288,3 +332,19 @@ def test_exporter_chatter_is_silent_unless_asked_for(model, caplog):
     finally:
         for name in EXPORTER_LOGGERS:
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+@pytest.mark.slow
+def test_export_multi_scale_dense_is_self_checked_and_says_its_scales(tmp_path, model):
+    checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
+    out = tmp_path / "dense.onnx"
+    result = export_checkpoint(checkpoint, tta="dense", test_scales=[48, 32, 40], out=out, register=False)
+    props = read_metadata(out)
+    assert props["test_scale"] == 48 and props["test_scales"] == [32, 40, 48] and props["tta"] == "dense"
+    assert result.checks["fp32_max_abs_diff"] <= 1e-4
+    resize = [node for node in onnx.load(str(out)).graph.node if node.op_type == "Resize"]
+    assert resize and all(any(a.name == "antialias" and a.i == 1 for a in node.attribute) for node in resize)
+    with pytest.raises(ExportError, match="not both"):
+        export_checkpoint(checkpoint, tta="dense", test_scale=48, test_scales=[32, 48], out=out, register=False)
+    with pytest.raises(ExportError, match="smaller than the crop"):
+        export_checkpoint(checkpoint, tta="dense", test_scales=[16, 48], out=out, register=False)
