@@ -44,7 +44,7 @@ from training.transforms import (
     TrainPreset,
     pixel_stats,
 )
-from tests.training_helpers import coordinate_image, stats_identity, write_folder
+from tests.training_helpers import coordinate_image, dense_probabilities_by_hand, stats_identity, write_folder
 from vgg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vgg.preprocessing import IMAGE_EXTENSIONS, to_graph_input
 
@@ -361,21 +361,6 @@ def test_checkpoint_round_trip_with_resume_state(tmp_path):
     draws = (random.random(), np.random.rand(), torch.rand(1))
     assert draws[:2] == expected_draws[:2] and torch.equal(draws[2], expected_draws[2])
     assert isinstance(rng_state()["numpy"][1], list)
-
-
-def dense_probabilities_by_hand(model, image: torch.Tensor) -> torch.Tensor:
-    """Section 3.2 without :func:`vgg.to_dense`: the FC layers applied as matrices at every
-    position of the conv feature map (each position standing for a 32-crop window), the class
-    score map averaged spatially, softmax; averaged with the mirrored image."""
-    fc6, fc7, fc8 = (m for m in model.classifier if isinstance(m, torch.nn.Linear))
-    probabilities = []
-    for view in (image, image.flip(2)):
-        features = model.features(view[None])[0]  # [C, h, w], one 32x32 window per position
-        columns = features.flatten(1).T  # [h*w, C]; a 1x1 map pooled to 7x7 is C values repeated 49 times
-        hidden = torch.relu(torch.relu(columns.repeat_interleave(49, dim=1) @ fc6.weight.T + fc6.bias) @ fc7.weight.T + fc7.bias)
-        scores = (hidden @ fc8.weight.T + fc8.bias).mean(dim=0)
-        probabilities.append(scores.softmax(dim=0))
-    return torch.stack(probabilities).mean(dim=0)
 
 
 def test_dense_evaluation_averages_softmax_over_scales_and_flips():

@@ -58,3 +58,18 @@ def ddp_rank_with_unreadable_batch(rank: int, init_file: str, out_dir: str) -> N
                     epoch=1, show_progress=False, crop=8)
     torch.save(model.module.state_dict(), Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def dense_probabilities_by_hand(model, image: torch.Tensor) -> torch.Tensor:
+    """Section 3.2 without :func:`vgg.to_dense`: the FC layers applied as matrices at every
+    position of the conv feature map (each position standing for a 32-crop window), the class
+    score map averaged spatially, softmax; averaged with the mirrored image."""
+    fc6, fc7, fc8 = (m for m in model.classifier if isinstance(m, torch.nn.Linear))
+    probabilities = []
+    for view in (image, image.flip(2)):
+        features = model.features(view[None])[0]  # [C, h, w], one 32x32 window per position
+        columns = features.flatten(1).T  # [h*w, C]; a 1x1 map pooled to 7x7 is C values repeated 49 times
+        hidden = torch.relu(torch.relu(columns.repeat_interleave(49, dim=1) @ fc6.weight.T + fc6.bias) @ fc7.weight.T + fc7.bias)
+        scores = (hidden @ fc8.weight.T + fc8.bias).mean(dim=0)
+        probabilities.append(scores.softmax(dim=0))
+    return torch.stack(probabilities).mean(dim=0)
