@@ -10,9 +10,11 @@ Steps (Simonyan & Zisserman, arXiv:1409.1556):
    three FC layers (section 3.1).
 3. VGG-D with Glorot initialisation and no pre-initialisation (the paper's final note in
    section 3.1), with the same epoch budget as step 2.
-4. Each best checkpoint on the held-out 10 %: top-1/top-5 error with a single centre crop,
-   FiveCrop and TenCrop at the test scale Q, and dense evaluation (section 3.2: the
-   fully-convolutional net over the whole image at three scales, with flips).
+4. Each best checkpoint on the held-out 10 %, with ``python -m training.evaluate``'s
+   protocols: top-1/top-5 error with a single centre crop, FiveCrop and TenCrop at the test
+   scale Q = (Smin + Smax) / 2, and dense evaluation (section 3.2: the fully-convolutional net
+   over the whole image at Smin, (Smin + Smax) / 2 and Smax, with flips); ``--protocols`` adds
+   grid50 and dense+grid50 (sections 3.2 and 4.3).
 5. The best D is exported (FiveCrop inside the graph), served with ``bentoml serve`` and the
    held-out images are classified over HTTP: the served top-1 must equal the offline
    FiveCrop top-1 on the same images (exit code 1 otherwise).
@@ -27,10 +29,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -45,23 +49,23 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from export.graph import InferenceGraph  # noqa: E402
 from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
+from training import evaluate as evaluation  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.data import Sample, folder_splits  # noqa: E402
-from training.transforms import dense_scales  # noqa: E402
-from vgg.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from vgg.preprocessing import open_rgb, to_graph_input  # noqa: E402
+from vgg.protocols import PROTOCOLS  # noqa: E402
 
 log = logging.getLogger("reproduce")
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "imagenette"
-# The paper's geometry (section 3.1: S jittered in [256, 512], 224 crops; Q = 256 served) and
-# the same scaled by 1/4 for a 2-core CPU.
-# S is jittered in [Smin, Smax]; the single test scale is then Q = (Smin + Smax) / 2 (section 4.1).
+# The paper's geometry (section 3.1: S jittered in [256, 512], 224 crops) and the same scaled
+# by 1/4 for a 2-core CPU. The test scale Q is training.run's: (Smin + Smax) / 2.
 GEOMETRIES = {
-    "paper": {"scale": (256, 512), "crop": 224, "test_scale": 384},
-    "quarter": {"scale": (64, 128), "crop": 56, "test_scale": 96},
+    "paper": {"scale": (256, 512), "crop": 224},
+    "quarter": {"scale": (64, 128), "crop": 56},
 }
+# grid50 and dense+grid50 (150 views per image) are opt-in: hours on a 2-core CPU.
+DEFAULT_PROTOCOLS = ("center", "five", "ten", "dense")
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers for training")
     p.add_argument("--eval-batch", type=int, default=32, help="images per evaluation batch")
+    p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(DEFAULT_PROTOCOLS),
+                   help=f"test protocols of step 4 (default: {' '.join(DEFAULT_PROTOCOLS)}; five is always run)")
     p.add_argument("--http-batch", type=int, default=16, help="images per /classify_batch request")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -122,24 +128,55 @@ def held_out(data: Path, *, seed: int) -> tuple[list[str], list[Sample]]:
 # ----------------------------------------------------------------------------- training
 
 
+def test_scale(geometry: dict) -> int:
+    """training.run's single test scale Q for the geometry: (Smin + Smax) / 2."""
+    return TrainConfig(scale=tuple(geometry["scale"]), crop=geometry["crop"]).test_scale
+
+
+def step_config(step: Step, *, data: Path, args: argparse.Namespace) -> dict:
+    """Everything that decides what a step trains; a recorded step is reused only if it matches."""
+    return {"cfg": step.cfg, "flags": list(step.flags), "epochs": step.epochs, "data": str(data),
+            "geometry": {key: list(value) if isinstance(value, tuple) else value
+                         for key, value in GEOMETRIES[args.geometry].items()},
+            "batch_size": args.batch_size, "fc_width": args.fc_width, "amp": args.amp, "seed": args.seed,
+            "classes": args.classes, "per_class": args.per_class}
+
+
+def eval_config(args: argparse.Namespace) -> dict:
+    """What decides a step's evaluation figures (with its training configuration)."""
+    return {"protocols": sorted(set(args.protocols) | {"five"}), "amp": args.amp}
+
+
+def recorded_run(record: Path, config: dict) -> dict | None:
+    """The finished step recorded in ``record`` if it was trained with ``config``, else None."""
+    if not record.exists():
+        return None
+    done = json.loads(record.read_text())
+    if done.get("config") != config:
+        log.info("%s: recorded with another configuration; the step runs again", record.name)
+        return None
+    return done
+
+
 def run_training(step: Step, *, data: Path, out: Path, args: argparse.Namespace) -> dict:
     """Train one step as ``python -m training.run``; return its wall time and metrics.
 
-    A step that already finished in ``out`` (its ``<step>.json`` record exists with the same
-    epoch count) is reused, so an interrupted protocol continues where it stopped.
+    A step that already finished in ``out`` (its ``<step>.json`` record exists) is reused only
+    if its whole configuration (:func:`step_config`) matches, so an interrupted protocol
+    continues where it stopped and a changed one trains afresh.
     """
     record = out / f"{step.name}.json"
-    if record.exists():
-        done = json.loads(record.read_text())
-        if done.get("epochs") == step.epochs:
-            log.info("step %s: reusing the finished run in %s", step.name, out / step.name)
-            return done
+    config = step_config(step, data=data, args=args)
+    done = recorded_run(record, config)
+    if done is not None:
+        log.info("step %s: reusing the finished run in %s", step.name, out / step.name)
+        return done
     geometry = GEOMETRIES[args.geometry]
     run_dir = out / step.name
     command = [
         sys.executable, "-m", "training.run", "--cfg", step.cfg, "--data", str(data), "--out", str(run_dir),
         "--epochs", str(step.epochs), "--scale", *map(str, geometry["scale"]), "--crop", str(geometry["crop"]),
-        "--test-scale", str(geometry["test_scale"]), "--batch-size", str(args.batch_size),
+        "--batch-size", str(args.batch_size),
         "--fc-width", str(args.fc_width), "--seed", str(args.seed), "--device", args.device,
         "--amp" if args.amp else "--no-amp", "--no-export", *step.flags,
     ]
@@ -167,6 +204,7 @@ def run_training(step: Step, *, data: Path, out: Path, args: argparse.Namespace)
         "wall_s": round(wall, 1),
         "train_images_per_s": round(train_images * len(rows) / max(train_seconds, 1e-9), 1),
         "checkpoint": str(run_dir / "best.pt"),
+        "config": config,
     }
     record.write_text(json.dumps(done, indent=2) + "\n")
     return done
@@ -175,14 +213,6 @@ def run_training(step: Step, *, data: Path, out: Path, args: argparse.Namespace)
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _errors(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
-    top1_err = 1.0 - (top5[:, 0] == labels).float().mean().item()
-    top5_err = 1.0 - (top5 == labels[:, None]).any(dim=1).float().mean().item()
-    return round(top1_err, 4), round(top5_err, 4)
-
-
-@torch.no_grad()
 @contextlib.contextmanager
 def strict_fp32() -> Iterator[None]:
     """No TF32 in CUDA convolutions and matrix products while inside (PyTorch allows it in
@@ -195,41 +225,27 @@ def strict_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def evaluate_checkpoint(path: str, val: list[Sample], *, test_scale: int, scale_range: tuple[int, int],
-                        batch: int, amp: bool, device: torch.device) -> tuple[dict, list[int]]:
-    """Top-1/top-5 errors for each test-time protocol, and the fp32 FiveCrop predictions.
-
-    Every protocol runs the export's graph module (the computation that gets served) in
-    PyTorch on the service's own preprocessing (``open_rgb`` + ``to_graph_input``). TenCrop
-    is FiveCrop of the image and of its mirror image (torchvision's TenCrop views). With
-    ``amp`` the protocols run under bf16 autocast; the FiveCrop predictions compared with
-    the service are always computed in fp32, like the served graph.
-    """
-    checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint)
-    pre = checkpoint["preprocess"]
-    common = {"mean": pre["mean"], "std": pre["std"], "crop": pre["crop"]}
-    five, center = (InferenceGraph(model, test_scale=test_scale, tta=tta, **common).to(device) for tta in ("five", "center"))
-    scales = dense_scales(scale_range, pre["crop"])
-    dense = {q: InferenceGraph(model, test_scale=q, tta="dense", **common).to(device) for q in scales}
-    probs: dict[str, list[torch.Tensor]] = {name: [] for name in ("center", "five", "ten", "dense", "five_fp32")}
+def evaluate_checkpoint(path: str, val: list[Sample], *, protocols: list[str], batch: int, amp: bool,
+                        device: torch.device) -> tuple[dict, list[int]]:
+    """Top-1/top-5 errors of each protocol (``python -m training.evaluate``'s implementation:
+    the checkpoint's Q for center/five/ten, section 4.2's three Q for the others) and the fp32
+    FiveCrop predictions, which the service must reproduce. With ``amp`` the protocols run
+    under bf16 autocast; the FiveCrop predictions are always fp32 without TF32, like the served graph."""
+    model = evaluation.load_model(path)
+    settings = evaluation.Settings(batch_size=batch, device=device, amp=amp, workers=0, progress=False)
+    labels = [label for _, label in val]
+    cache: dict[str, evaluation.Posteriors] = {}
+    errors: dict = {}
     with strict_fp32():  # the served graph computes fp32 without TF32 (ORT: use_tf32=0)
-        for start in range(0, len(val), batch):
-            images = [open_rgb(path) for path, _ in val[start : start + batch]]
-            at_q = torch.from_numpy(np.stack([to_graph_input(image, test_scale) for image in images])).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                probs["center"].append(center(at_q))
-                probs["five"].append(five(at_q))
-                probs["ten"].append((probs["five"][-1] + five(at_q.flip(2))) / 2)  # NHWC: dim 2 is the width
-                dense_probs = [graph(torch.from_numpy(np.stack([to_graph_input(im, q) for im in images])).to(device))
-                               for q, graph in dense.items()]
-                probs["dense"].append(torch.stack(dense_probs).mean(dim=0))  # posteriors averaged over scales
-            probs["five_fp32"].append(five(at_q) if amp else probs["five"][-1])
-    labels = torch.tensor([label for _, label in val])
-    stacked = {name: torch.cat(chunks).float().cpu() for name, chunks in probs.items()}
-    errors = {name: _errors(stacked[name], labels) for name in ("center", "five", "ten", "dense")}
-    errors["dense_scales"] = scales
-    return errors, stacked["five_fp32"].argmax(dim=1).tolist()
+        for protocol in protocols:
+            result = evaluation.protocol_posteriors(model, val, protocol, None, settings, cache)
+            errors[protocol] = [round(value, 4) for value in evaluation.errors(result, labels)]
+            errors[f"{protocol}_scales"] = result.scales
+        fp32 = cache["five"] if not amp and "five" in cache else evaluation.protocol_posteriors(
+            model, val, "five", None, dataclasses.replace(settings, amp=False))
+    if len(fp32.indices) != len(val):
+        raise SystemExit(f"{len(val) - len(fp32.indices)} held-out images are unreadable; the served comparison needs all")
+    return errors, fp32.probs.argmax(dim=1).tolist()
 
 
 # ----------------------------------------------------------------------------- serving
@@ -270,21 +286,28 @@ def machine() -> str:
     return f"{cpu}; {device}; torch {torch.__version__}"
 
 
+PROTOCOL_TITLES = {"center": "centre", "five": "FiveCrop", "ten": "TenCrop", "grid50": "grid50", "dense": "dense",
+                   "dense+grid50": "dense+grid50"}
+
+
 def markdown(results: dict) -> str:
+    protocols = [name for name in PROTOCOLS if name in results["protocols"]]
     rows = [
-        "| run | init | epochs | wall | train img/s | centre | FiveCrop | TenCrop | dense |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | init | epochs | wall | train img/s | " + " | ".join(PROTOCOL_TITLES[name] for name in protocols) + " |",
+        "|---|---|---|---|---|" + "---|" * len(protocols),
     ]
     for run in results["runs"]:
         e = run["errors"]
-        cells = [f"{100 * e[k][0]:.1f} / {100 * e[k][1]:.1f}" for k in ("center", "five", "ten", "dense")]
+        cells = [f"{100 * e[k][0]:.1f} / {100 * e[k][1]:.1f}" for k in protocols]
         init = "pre-init from A" if run["init_from"] else run["init"]
         rows.append(f"| VGG-{run['cfg']} ({run['name']}) | {init} | {run['epochs']} | {run['wall_s'] / 60:.1f} min "
                     f"| {run['train_images_per_s']:.0f} | " + " | ".join(cells) + " |")
     served = results["served"]
+    scales = results["runs"][0]["errors"]
+    multi = next((scales[f"{name}_scales"] for name in ("dense", "grid50") if f"{name}_scales" in scales), None)
     return "\n".join([
         f"Top-1 / top-5 validation error (%), {results['val_images']} held-out images, "
-        f"Q = {results['geometry']['test_scale']}, dense scales {results['runs'][0]['errors']['dense_scales']}"
+        f"Q = {results['test_scale']}{f', multi-scale Q {multi}' if multi else ''}"
         f"{', bf16 autocast' if results['amp'] else ''}.",
         "",
         *rows,
@@ -297,6 +320,17 @@ def markdown(results: dict) -> str:
     ])
 
 
+def make_data(args: argparse.Namespace, out: Path) -> Path:
+    """The training folder: ``--data``, or a fresh subset of it (``--classes``/``--per-class``)."""
+    data = args.data.resolve()
+    if not (args.classes or args.per_class):
+        return data
+    subset = out / "data"
+    if subset.exists():  # symlinks of an earlier subset, which may have had other sizes
+        shutil.rmtree(subset)
+    return make_subset(data / "train", subset, classes=args.classes, per_class=args.per_class)
+
+
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = args.out.resolve()
@@ -304,10 +338,9 @@ def main(args: argparse.Namespace) -> int:
     if not (args.data / "train").is_dir():
         print(f"error: {args.data}/train not found (ImageNet-style folder expected)", file=sys.stderr)
         return 2
-    data = args.data.resolve()
-    if args.classes or args.per_class:
-        data = make_subset(data / "train", out / "data", classes=args.classes, per_class=args.per_class)
+    data = make_data(args, out)
     geometry = GEOMETRIES[args.geometry]
+    protocols = sorted(set(args.protocols) | {"five"}, key=PROTOCOLS.index)
     steps = [
         Step(f"A-{args.init_a}", "A", ("--init", args.init_a), args.epochs_a),
         # The layers not copied from A get A's initialisation (the paper: its N(0, 1e-2)).
@@ -321,10 +354,10 @@ def main(args: argparse.Namespace) -> int:
     runs = []
     for step in steps:
         run = run_training(step, data=data, out=out, args=args)
-        if "errors" not in run:
+        if "errors" not in run or run.get("eval_config") != eval_config(args):
             run["errors"], run["five_predictions"] = evaluate_checkpoint(
-                run["checkpoint"], val, test_scale=geometry["test_scale"], scale_range=geometry["scale"],
-                batch=args.eval_batch, amp=args.amp, device=eval_device)
+                run["checkpoint"], val, protocols=protocols, batch=args.eval_batch, amp=args.amp, device=eval_device)
+            run["eval_config"] = eval_config(args)
             (out / f"{step.name}.json").write_text(json.dumps(run, indent=2) + "\n")
         log.info("%s: %s", step.name, run["errors"])
         runs.append(run)
@@ -332,13 +365,14 @@ def main(args: argparse.Namespace) -> int:
     best_d = min((r for r in runs if r["cfg"] == "D"), key=lambda r: r["errors"]["five"][0])
     if "five_predictions" not in best_d:  # a reused record from before predictions were kept
         _, best_d["five_predictions"] = evaluate_checkpoint(
-            best_d["checkpoint"], val, test_scale=geometry["test_scale"], scale_range=geometry["scale"],
-            batch=args.eval_batch, amp=args.amp, device=eval_device)
+            best_d["checkpoint"], val, protocols=["five"], batch=args.eval_batch, amp=args.amp, device=eval_device)
     served, tag = classify_over_http(best_d["checkpoint"], val, workdir=out, batch=args.http_batch)
     labels = [label for _, label in val]
     offline = best_d["five_predictions"]
     results = {
         "geometry": geometry,
+        "test_scale": test_scale(geometry),
+        "protocols": protocols,
         "amp": args.amp,
         "val_images": len(val),
         "classes": classes,

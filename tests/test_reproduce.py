@@ -11,6 +11,32 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+import reproduce  # noqa: E402
+
+
+def test_test_scale_is_training_runs_for_jittered_s():
+    assert reproduce.test_scale(reproduce.GEOMETRIES["quarter"]) == 96
+    assert reproduce.test_scale(reproduce.GEOMETRIES["paper"]) == 384
+
+
+@pytest.mark.parametrize("change", [{"geometry": "paper"}, {"batch_size": 32}, {"fc_width": 128}, {"data": "other"},
+                                    {"amp": False}, {"seed": 1}, {"classes": 5}, {"per_class": 7}])
+def test_a_recorded_step_is_reused_only_with_the_same_configuration(tmp_path, change):
+    args = reproduce.get_args_parser().parse_args(["--data", str(tmp_path)])
+    step = reproduce.Step("A-paper", "A", ("--init", "paper"), 4)
+    record = tmp_path / "A-paper.json"
+    config = reproduce.step_config(step, data=tmp_path, args=args)
+    record.write_text(json.dumps({"name": "A-paper", "epochs": 4, "config": config}))
+    assert reproduce.recorded_run(record, config)["name"] == "A-paper"
+    data = Path(change.pop("data")) if "data" in change else tmp_path
+    changed = reproduce.get_args_parser().parse_args(["--data", str(tmp_path)])
+    for key, value in change.items():
+        setattr(changed, key, value)
+    assert reproduce.recorded_run(record, reproduce.step_config(step, data=data, args=changed)) is None
+    longer = reproduce.Step("A-paper", "A", ("--init", "paper"), 5)
+    assert reproduce.recorded_run(record, reproduce.step_config(longer, data=tmp_path, args=args)) is None
 
 
 @pytest.mark.slow
@@ -34,10 +60,11 @@ def test_protocol_on_a_tiny_subset(imagenette_train, tmp_path):
     assert runs["D-preinit"]["init_from"].endswith("A-paper/best.pt")
     assert runs["D-preinit"]["epochs"] == runs["D-glorot"]["epochs"] == 1
     for run in runs.values():
-        assert set(run["errors"]) == {"center", "five", "ten", "dense", "dense_scales"}
-        for top1, top5 in (run["errors"][k] for k in ("center", "five", "ten", "dense")):
+        protocols = ("center", "five", "ten", "dense")
+        assert set(run["errors"]) == {*protocols, *(f"{name}_scales" for name in protocols)}
+        for top1, top5 in (run["errors"][k] for k in protocols):
             assert 0.0 <= top5 <= top1 <= 1.0
-        assert run["errors"]["dense_scales"] == [64, 96, 128]
+        assert run["errors"]["dense_scales"] == [64, 96, 128] and run["errors"]["five_scales"] == [96]
         assert run["train_images_per_s"] > 0
     served = results["served"]
     assert served["top1_err"] == served["offline_top1_err"] and served["disagreements"] == 0

@@ -473,3 +473,25 @@ def test_worker_augmentations_depend_only_on_seed_and_epoch(tmp_path):
     first, second = draw_epochs(tmp_path, [1, 2])
     (resumed,) = draw_epochs(tmp_path / "again", [2])
     assert torch.equal(resumed, second) and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("decay_bias", [True, False])
+def test_no_decay_bias_exempts_biases_and_batch_norm_from_weight_decay(decay_bias):
+    from training.engine import make_optimizer
+
+    args = get_args_parser().parse_args(["--cfg", "A", "--batch-norm", *([] if decay_bias else ["--no-decay-bias"])])
+    config, _ = config_from_args(args)
+    assert config.decay_bias is decay_bias
+    config = dataclasses.replace(config, lr=0.1, momentum=0.0, weight_decay=0.5)
+    model = vgg.build("A", num_classes=3, fc_width=8, batch_norm=True)
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    optimizer = make_optimizer(model, config)
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()  # zero gradient: only weight decay moves a parameter, by lr * wd = 5 %
+    for name, value in model.named_parameters():
+        one_d = value.ndim == 1  # conv/linear biases and BatchNorm scale and shift
+        decayed = decay_bias or not one_d
+        expected = before[name] * (0.95 if decayed else 1.0)
+        torch.testing.assert_close(value.detach(), expected, msg=name)
+    assert any("bias" in name for name in before) and any("features.1.weight" == name for name in before)

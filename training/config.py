@@ -35,6 +35,9 @@ class TrainConfig:
     batch_size: int = 256  # "the batch size was set to 256"
     momentum: float = 0.9  # "momentum to 0.9"
     weight_decay: float = 5e-4  # "L2 penalty multiplier set to 5e-4"
+    # The paper does not say whether biases are decayed; by default every parameter is (biases
+    # and BatchNorm's scale and shift too). False: those in a group without weight decay.
+    decay_bias: bool = True
     lr: float = 1e-2  # "the learning rate was initially set to 1e-2"
     lr_factor: float = 0.1  # "decreased by a factor of 10"
     lr_patience: int = 2  # epochs without improvement before a decrease (the paper does not say)

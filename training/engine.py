@@ -42,6 +42,23 @@ def progress_bar(iterable, *, total: int, description: str, enabled: bool):
                 disable=not (enabled and sys.stderr.isatty()))
 
 
+def parameter_groups(model: nn.Module, *, weight_decay: float, decay_bias: bool) -> list[dict]:
+    """SGD parameter groups: one with ``weight_decay`` on every parameter, or (``decay_bias``
+    False) the weights in it and the biases and normalisation parameters (1-D tensors) in a
+    second group without weight decay."""
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if decay_bias:
+        return [{"params": parameters, "weight_decay": weight_decay}]
+    return [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, config) -> torch.optim.SGD:
+    """Section 3.1's optimiser: SGD with momentum and weight decay (a :class:`TrainConfig`'s)."""
+    groups = parameter_groups(model, weight_decay=config.weight_decay, decay_bias=config.decay_bias)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,

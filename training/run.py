@@ -34,7 +34,7 @@ from training import data as datasets
 from training import finetune
 from training.config import TrainConfig
 from training.demo import DEMO_OVERRIDES, demo_data_dir, ensure_demo_data
-from training.engine import evaluate, evaluate_dense, train_one_epoch
+from training.engine import evaluate, evaluate_dense, make_optimizer, train_one_epoch
 from training.lr import PlateauState, plateau_step
 from training.transforms import DensePreset, EvalPreset, Stats, TrainPreset, pixel_stats
 from vgg.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint
@@ -95,6 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim.add_argument("--batch-size", type=int, help=f"global mini-batch (default {d.batch_size})")
     optim.add_argument("--momentum", type=float, help=f"(default {d.momentum})")
     optim.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
+    optim.add_argument("--decay-bias", action=argparse.BooleanOptionalAction,
+                       help="weight decay on biases and BatchNorm parameters too (default on; --no-decay-bias: off)")
     optim.add_argument("--lr", type=float, help=f"initial learning rate (default {d.lr})")
     optim.add_argument("--lr-factor", type=float, help=f"LR multiplier on a plateau (default {d.lr_factor})")
     optim.add_argument("--lr-patience", type=int, help=f"epochs without val improvement before a decrease (default {d.lr_patience})")
@@ -522,8 +524,7 @@ def main(args: argparse.Namespace) -> int:
     channels_last = runtime.device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.SGD(trained, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)  # only the parameters that train (requires_grad)
     rule, start_epoch, history = PlateauState(lr=config.lr), 1, []
     if resume_state is not None:
         rule, start_epoch, history, init = restore(resume_state, model=model, optimizer=optimizer, init=init,
