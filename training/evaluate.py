@@ -33,7 +33,7 @@ from vgg.errors import OneLineArgumentParser
 from vgg import protocols
 from vgg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from vgg.dense import to_dense
-from vgg.preprocessing import default_test_scale, resize_shortest_side, to_graph_input
+from vgg.preprocessing import MAX_SCALE, default_test_scale, resize_shortest_side, to_graph_input
 
 log = logging.getLogger("training.evaluate")
 
@@ -97,6 +97,8 @@ def test_scales(protocol: str, model: LoadedModel, given: Sequence[int] | None) 
     small = [q for q in scales if q < model.crop]
     if small:
         raise UsageError(f"test scale Q {small[0]} is below the {model.crop}-pixel crop of {model.name}")
+    if scales[-1] > MAX_SCALE:
+        raise UsageError(f"test scale Q {scales[-1]} is above {MAX_SCALE}")
     return scales
 
 
