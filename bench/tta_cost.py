@@ -35,7 +35,9 @@ from export.onnx_io import save_onnx, to_onnx  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cfg", default="D", choices=vgg.CONFIG_NAMES)
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--classes", type=int, default=1000)
@@ -55,19 +57,24 @@ def graphs(args: argparse.Namespace) -> dict[str, InferenceGraph]:
     common = {"mean": [124.0, 116.0, 104.0], "std": [58.0, 57.0, 57.5], "crop": args.crop}
     multi = ",".join(map(str, args.test_scales))
     return {
-        f"five Q={args.scale}": InferenceGraph(model, scale=args.scale, tta="five", **common),
-        f"dense Q={args.scale}": InferenceGraph(model, scale=args.scale, tta="dense", **common),
-        f"dense Q={multi}": InferenceGraph(model, scale=max(args.test_scales), tta="dense",
-                                           test_scales=args.test_scales, **common),
+        f"five Q={args.scale}": InferenceGraph(model, test_scale=args.scale, tta="five", **common),
+        f"dense Q={args.scale}": InferenceGraph(model, test_scale=args.scale, tta="dense", **common),
+        f"dense Q={multi}": InferenceGraph(
+            model, test_scale=max(args.test_scales), tta="dense", test_scales=args.test_scales, **common
+        ),
     }
 
 
 def seconds_per_image(path: Path, graph: InferenceGraph, args: argparse.Namespace) -> float:
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.provider == "cuda" else ["CPUExecutionProvider"]
+    providers = (
+        ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.provider == "cuda" else ["CPUExecutionProvider"]
+    )
     runner = session(path, providers=providers)
     if args.provider == "cuda" and "CUDAExecutionProvider" not in runner.get_providers():
         raise SystemExit("error: ONNX Runtime has no CUDA provider here")
-    images = np.random.default_rng(0).integers(0, 256, size=(args.batch, graph.scale, graph.scale, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(
+        0, 256, size=(args.batch, graph.test_scale, graph.test_scale, 3), dtype=np.uint8
+    )
     runner.run(None, {"images": images})  # warm-up
     start = time.perf_counter()
     for _ in range(args.iters):
@@ -79,7 +86,9 @@ def seconds_per_image(path: Path, graph: InferenceGraph, args: argparse.Namespac
 def torch_seconds_per_image(graph: InferenceGraph, args: argparse.Namespace) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = graph.to(device).eval()
-    images = torch.randint(0, 256, (args.batch, graph.scale, graph.scale, 3), dtype=torch.uint8, device=device)
+    images = torch.randint(
+        0, 256, (args.batch, graph.test_scale, graph.test_scale, 3), dtype=torch.uint8, device=device
+    )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     module(images)  # warm-up
     sync()
@@ -107,7 +116,9 @@ def main(args: argparse.Namespace) -> int:
     results = measure(args)
     baseline = next(iter(results.values()))
     if args.runtime == "torch":
-        where = f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}"
+        where = (
+            f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}"
+        )
     else:
         where = f"ONNX Runtime {args.provider}"
     cpu = platform.processor() or platform.machine()
@@ -115,8 +126,9 @@ def main(args: argparse.Namespace) -> int:
     for name, seconds in results.items():
         print(f"  {name:<24} {1000 * seconds:9.1f} ms/image  {seconds / baseline:5.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "seconds_per_image": results},
-                                        indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"config": vars(args) | {"json": str(args.json)}, "seconds_per_image": results}, indent=2) + "\n"
+        )
     return 0
 
 

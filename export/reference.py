@@ -9,7 +9,7 @@ Per-channel normalisation, each test scale resized from the input
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

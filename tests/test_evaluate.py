@@ -107,11 +107,18 @@ def test_crop_protocols_equal_torchvision_on_the_checkpoints_test_scale(tmp_path
     _, samples, _ = ev.image_samples(data, loaded)
     result = ev.protocol_posteriors(loaded, samples, protocol, None, settings(batch_size=1))
     assert result.scales == [loaded.test_scale] == [37]
-    transform = {"center": lambda x: [v2.CenterCrop(CROP)(x)], "five": v2.FiveCrop(CROP), "ten": v2.TenCrop(CROP)}[protocol]
+    transform = {"center": lambda x: [v2.CenterCrop(CROP)(x)], "five": v2.FiveCrop(CROP), "ten": v2.TenCrop(CROP)}[
+        protocol
+    ]
     with torch.no_grad():
-        expected = torch.stack([
-            torch.softmax(model(torch.stack(list(transform(normalised(to_graph_input(open_rgb(path), 37)))))), 1).mean(0)
-            for path, _ in samples])
+        expected = torch.stack(
+            [
+                torch.softmax(
+                    model(torch.stack(list(transform(normalised(to_graph_input(open_rgb(path), 37)))))), 1
+                ).mean(0)
+                for path, _ in samples
+            ]
+        )
     torch.testing.assert_close(result.probs, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -141,12 +148,33 @@ def test_ensemble_averages_posteriors_by_class_name(tmp_path, model):
     assert (parts[0].probs - reordered).abs().max() > 1e-3  # the two models do disagree
 
     report = tmp_path / "report.json"
-    assert ev.cli(["--checkpoint", str(first), "--checkpoint", str(second), "--data", str(data),
-                   "--protocol", "center", "five", "--json", str(report)]) == 0
+    assert (
+        ev.cli(
+            [
+                "--checkpoint",
+                str(first),
+                "--checkpoint",
+                str(second),
+                "--data",
+                str(data),
+                "--protocol",
+                "center",
+                "five",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(report.read_text())["rows"]
     assert [(row["model"], row["protocol"]) for row in rows] == [
-        (str(first), "center"), (str(second), "center"), ("ensemble", "center"),
-        (str(first), "five"), (str(second), "five"), ("ensemble", "five")]
+        (str(first), "center"),
+        (str(second), "center"),
+        ("ensemble", "center"),
+        (str(first), "five"),
+        (str(second), "five"),
+        ("ensemble", "five"),
+    ]
     labels = torch.tensor([0, 1, 2])
     assert rows[2]["top1_err"] == pytest.approx(1 - (result.probs.argmax(1) == labels).float().mean().item())
 
@@ -164,7 +192,10 @@ def test_classes_are_matched_by_name_not_by_position(tmp_path, capsys):
     checkpoint = constant_checkpoint(tmp_path / "c.pt", classes=["fish", "dog", "cat"], favourite="cat")
     data = noisy_folder(tmp_path / "images", {"cat": 2, "dog": 1})  # sorted: cat, dog
     report = tmp_path / "r.json"
-    assert ev.cli(["--checkpoint", str(checkpoint), "--data", str(data), "--protocol", "center", "--json", str(report)]) == 0
+    assert (
+        ev.cli(["--checkpoint", str(checkpoint), "--data", str(data), "--protocol", "center", "--json", str(report)])
+        == 0
+    )
     (row,) = json.loads(report.read_text())["rows"]
     assert row["top1_err"] == pytest.approx(1 / 3) and row["top5_err"] == 0.0 and row["images"] == 3
     assert "center" in capsys.readouterr().out
@@ -193,9 +224,15 @@ def bad_cases(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], st
     return {
         "missing_folder": (["--checkpoint", str(checkpoint), "--data", str(tmp_path / "nope")], "no such folder"),
         "empty_class": (["--checkpoint", str(checkpoint), "--data", str(tmp_path / "empty")], "has no images"),
-        "unknown_class": (["--checkpoint", str(checkpoint), "--data", str(unknown)], "'zebra' is not one of the 3 classes"),
+        "unknown_class": (
+            ["--checkpoint", str(checkpoint), "--data", str(unknown)],
+            "'zebra' is not one of the 3 classes",
+        ),
         "missing_checkpoint": (["--checkpoint", str(tmp_path / "none.pt"), "--data", str(good)], "no such file"),
-        "corrupt_checkpoint": (["--checkpoint", str(tmp_path / "corrupt.pt"), "--data", str(good)], "not a readable checkpoint"),
+        "corrupt_checkpoint": (
+            ["--checkpoint", str(tmp_path / "corrupt.pt"), "--data", str(good)],
+            "not a readable checkpoint",
+        ),
         "scale_below_crop": ([*base, "--test-scales", "20"], "below the 32-pixel crop"),
         "bad_protocol": ([*base, "--protocol", "twelve"], "invalid choice"),
         "batch_size": ([*base, "--batch-size", "0"], "--batch-size must be at least 1"),
@@ -205,9 +242,22 @@ def bad_cases(tmp_path: Path, checkpoint: Path) -> dict[str, tuple[list[str], st
     }
 
 
-@pytest.mark.parametrize("case", ["missing_folder", "empty_class", "unknown_class", "missing_checkpoint",
-                                  "corrupt_checkpoint", "scale_below_crop", "bad_protocol", "batch_size",
-                                  "json_folder", "ensemble_classes", "no_data_flag"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_folder",
+        "empty_class",
+        "unknown_class",
+        "missing_checkpoint",
+        "corrupt_checkpoint",
+        "scale_below_crop",
+        "bad_protocol",
+        "batch_size",
+        "json_folder",
+        "ensemble_classes",
+        "no_data_flag",
+    ],
+)
 def test_bad_input_gives_one_line_and_exit_2(tmp_path, checkpoint, capsys, case):
     argv, message = bad_cases(tmp_path, checkpoint)[case]
     try:
@@ -222,9 +272,34 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, checkpoint, capsys, case)
 # ---------------------------------------------------------------- done when: training's figures reproduced
 
 
-TRAIN = ["--cfg", "A", "--fc-width", "32", "--scale", "36", "44", "--crop", "32", "--batch-size", "16",
-         "--stats-images", "50", "--no-amp", "--workers", "0", "--no-export", "--batch-norm", "--init", "kaiming",
-         "--lr", "0.05", "--dropout", "0", "--epochs", "2"]
+TRAIN = [
+    "--cfg",
+    "A",
+    "--fc-width",
+    "32",
+    "--scale",
+    "36",
+    "44",
+    "--crop",
+    "32",
+    "--batch-size",
+    "16",
+    "--stats-images",
+    "50",
+    "--no-amp",
+    "--workers",
+    "0",
+    "--no-export",
+    "--batch-norm",
+    "--init",
+    "kaiming",
+    "--lr",
+    "0.05",
+    "--dropout",
+    "0",
+    "--epochs",
+    "2",
+]
 
 
 @pytest.mark.slow
@@ -235,13 +310,37 @@ def test_evaluate_reproduces_training_validation_and_reports_every_protocol(tmp_
     write_folder(data / "val", {name: 4 for name in classes}, size=40)
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "VGG_CACHE": str(tmp_path / "cache")}
-    trained = subprocess.run([sys.executable, "-m", "training.run", *TRAIN, "--data", str(data), "--out", str(run)],
-                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    trained = subprocess.run(
+        [sys.executable, "-m", "training.run", *TRAIN, "--data", str(data), "--out", str(run)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     report = tmp_path / "report.json"
-    evaluated = subprocess.run([sys.executable, "-m", "training.evaluate", "--checkpoint", str(run / "last.pt"),
-                                "--data", str(data), "--protocol", "center", "five", "--json", str(report)],
-                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.evaluate",
+            "--checkpoint",
+            str(run / "last.pt"),
+            "--data",
+            str(data),
+            "--protocol",
+            "center",
+            "five",
+            "--json",
+            str(report),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     last = load_checkpoint(run / "last.pt")["history"][-1]
     rows = {row["protocol"]: row for row in json.loads(report.read_text())["rows"]}
@@ -256,8 +355,22 @@ def test_evaluate_reproduces_training_validation_and_reports_every_protocol(tmp_
         (few / name).mkdir(parents=True)
         (few / name / "0.png").write_bytes((data / "val" / name / "0.png").read_bytes())
     everything = tmp_path / "all.json"
-    assert ev.cli(["--checkpoint", str(run / "best.pt"), "--data", str(few), "--test-scales", "32", "40",
-                   "--json", str(everything)]) == 0
+    assert (
+        ev.cli(
+            [
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--data",
+                str(few),
+                "--test-scales",
+                "32",
+                "40",
+                "--json",
+                str(everything),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(everything.read_text())["rows"]
     assert [row["protocol"] for row in rows] == list(ev.protocols.PROTOCOLS)
     assert all(row["images"] == 2 and row["test_scales"] == [32, 40] and 0 <= row["top1_err"] <= 1 for row in rows)

@@ -71,13 +71,21 @@ def test_grid50_views_come_from_the_grid_and_the_flipped_image():
 
 
 def test_five_and_center_boxes_follow_torchvision():
-    assert protocols.five_boxes(40, 40, 32) == [(0, 0, 32, 32), (8, 0, 40, 32), (0, 8, 32, 40), (8, 8, 40, 40), (4, 4, 36, 36)]
+    assert protocols.five_boxes(40, 40, 32) == [
+        (0, 0, 32, 32),
+        (8, 0, 40, 32),
+        (0, 8, 32, 40),
+        (8, 8, 40, 40),
+        (4, 4, 36, 36),
+    ]
     assert protocols.center_box(41, 41, 32) == (4, 4, 36, 36)  # torchvision's rounding: round(4.5) = 4
     assert [protocols.views_per_scale(name) for name in protocols.PROTOCOLS] == [1, 5, 10, 50, 2, 52]
 
 
-@pytest.mark.parametrize(("scale_range", "crop", "expected"),
-                         [((256, 256), 224, [224, 256, 288]), ((256, 512), 224, [256, 384, 512]), ((36, 36), 32, [32, 36, 68])])
+@pytest.mark.parametrize(
+    ("scale_range", "crop", "expected"),
+    [((256, 256), 224, [224, 256, 288]), ((256, 512), 224, [256, 384, 512]), ((36, 36), 32, [32, 36, 68])],
+)
 def test_multi_scale_test_scales_follow_section_4_2(scale_range, crop, expected):
     assert protocols.multi_scale_test_scales(scale_range, crop) == expected
 
@@ -85,8 +93,9 @@ def test_multi_scale_test_scales_follow_section_4_2(scale_range, crop, expected)
 # ---------------------------------------------------------------- posteriors against independent crops
 
 
-@pytest.mark.parametrize(("protocol", "transform"), [("center", v2.CenterCrop(32)), ("five", v2.FiveCrop(32)),
-                                                     ("ten", v2.TenCrop(32))])
+@pytest.mark.parametrize(
+    ("protocol", "transform"), [("center", v2.CenterCrop(32)), ("five", v2.FiveCrop(32)), ("ten", v2.TenCrop(32))]
+)
 @pytest.mark.parametrize("size", [32, 41, 48])
 def test_crop_protocols_equal_torchvision_crop_by_crop(protocol, transform, size):
     net, images = TinyNet().eval(), random_images(3, size)

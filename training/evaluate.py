@@ -19,9 +19,10 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -29,10 +30,10 @@ from torch.utils.data import DataLoader
 from training import data as datasets
 from training.engine import network_fn, progress_bar, topk_correct
 from training.run import UsageError, resolve_device
-from vgg.errors import OneLineArgumentParser
 from vgg import protocols
 from vgg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from vgg.dense import to_dense
+from vgg.errors import OneLineArgumentParser
 from vgg.preprocessing import MAX_SCALE, default_test_scale, resize_shortest_side, to_graph_input
 
 log = logging.getLogger("training.evaluate")
@@ -76,24 +77,41 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         test_scale = int(preprocess.get("test_scale") or default_test_scale(crop))
         scale = config.get("scale") or [test_scale]
         mean, std = [float(v) for v in preprocess["mean"]], [float(v) for v in preprocess["std"]]
-        loaded = LoadedModel(name=str(path), model=model, classes=[str(c) for c in checkpoint["classes"]],
-                             mean=mean, std=std, crop=crop, test_scale=test_scale,
-                             scale_range=(int(scale[0]), int(scale[-1])), amp=bool(config.get("amp", False)),
-                             config=dict(config))
+        loaded = LoadedModel(
+            name=str(path),
+            model=model,
+            classes=[str(c) for c in checkpoint["classes"]],
+            mean=mean,
+            std=std,
+            crop=crop,
+            test_scale=test_scale,
+            scale_range=(int(scale[0]), int(scale[-1])),
+            amp=bool(config.get("amp", False)),
+            config=dict(config),
+        )
     except (KeyError, TypeError, ValueError, IndexError) as error:
         raise CheckpointError(f"{path}: malformed checkpoint ({type(error).__name__}: {error})") from None
     if len(loaded.mean) != 3 or len(loaded.std) != 3 or min(loaded.std) <= 0:
         raise CheckpointError(f"{path}: preprocess mean/std must be 3 values, std positive")
     if len(loaded.classes) != loaded.model.classifier[-1].out_features:
-        raise CheckpointError(f"{path}: {len(loaded.classes)} class names for a {loaded.model.classifier[-1].out_features}-class model")
+        raise CheckpointError(
+            f"{path}: {len(loaded.classes)} class names for a {loaded.model.classifier[-1].out_features}-class model"
+        )
     return loaded
 
 
 def test_scales(protocol: str, model: LoadedModel, given: Sequence[int] | None) -> list[int]:
     """The Q of ``protocol`` for ``model``: ``given``, else the checkpoint's single Q for
     center/five/ten (as training validated) and section 4.2's three Q for the others."""
-    scales = sorted(set(given)) if given else (
-        [model.test_scale] if protocol in SINGLE_SCALE else protocols.multi_scale_test_scales(model.scale_range, model.crop))
+    scales = (
+        sorted(set(given))
+        if given
+        else (
+            [model.test_scale]
+            if protocol in SINGLE_SCALE
+            else protocols.multi_scale_test_scales(model.scale_range, model.crop)
+        )
+    )
     small = [q for q in scales if q < model.crop]
     if small:
         raise UsageError(f"test scale Q {small[0]} is below the {model.crop}-pixel crop of {model.name}")
@@ -122,8 +140,10 @@ def image_samples(data: Path, model: LoadedModel) -> tuple[list[str], list[datas
         where = str(data)
     unknown = [name for name in classes if name not in model.classes]
     if unknown:
-        raise datasets.DataError(f"{data}: class {unknown[0]!r} is not one of the {len(model.classes)} classes of "
-                                 f"{model.name} ({', '.join(model.classes[:5])}{', ...' if len(model.classes) > 5 else ''})")
+        raise datasets.DataError(
+            f"{data}: class {unknown[0]!r} is not one of the {len(model.classes)} classes of "
+            f"{model.name} ({', '.join(model.classes[:5])}{', ...' if len(model.classes) > 5 else ''})"
+        )
     if not samples:
         raise datasets.DataError(f"{where}: no images")
     index = {name: model.classes.index(name) for name in classes}
@@ -189,8 +209,9 @@ def _chunked(network, views_per_pass: int):
 
 
 @torch.no_grad()
-def evaluate_protocol(model: LoadedModel, samples: Sequence[datasets.Sample], protocol: str, scales: Sequence[int],
-                      settings: Settings) -> Posteriors:
+def evaluate_protocol(
+    model: LoadedModel, samples: Sequence[datasets.Sample], protocol: str, scales: Sequence[int], settings: Settings
+) -> Posteriors:
     """``protocol`` (one of :data:`vgg.protocols.PROTOCOLS` but ``dense+grid50``) of ``model`` on
     ``samples``, posteriors averaged over ``scales`` (section 4.2)."""
     start = time.perf_counter()
@@ -201,45 +222,82 @@ def evaluate_protocol(model: LoadedModel, samples: Sequence[datasets.Sample], pr
     if dense:
         net = to_dense(net, crop=model.crop).eval()
     channels_last = device.type == "cuda"
-    network = _chunked(network_fn(net, device=device, amp=amp, channels_last=channels_last and not dense),
-                       max(1, settings.batch_size) * 5)
+    network = _chunked(
+        network_fn(net, device=device, amp=amp, channels_last=channels_last and not dense),
+        max(1, settings.batch_size) * 5,
+    )
     indexed = [(path, position) for position, (path, _) in enumerate(samples)]
-    loader = datasets.ReportingLoader(DataLoader(
-        datasets.ImageDataset(indexed, ProtocolInput(scales=scales, dense=dense)), batch_size=settings.batch_size,
-        collate_fn=datasets.collate_lists, num_workers=settings.workers))
+    loader = datasets.ReportingLoader(
+        DataLoader(
+            datasets.ImageDataset(indexed, ProtocolInput(scales=scales, dense=dense)),
+            batch_size=settings.batch_size,
+            collate_fn=datasets.collate_lists,
+            num_workers=settings.workers,
+        )
+    )
     chunks, indices = [], []
-    bar = progress_bar(loader, total=len(loader), description=f"{Path(model.name).name} {protocol}", enabled=settings.progress)
+    bar = progress_bar(
+        loader, total=len(loader), description=f"{Path(model.name).name} {protocol}", enabled=settings.progress
+    )
     for batch in bar:
         if batch is None:
             continue
-        per_scale = [list(pixels) for pixels in zip(*(views for views, _ in batch))]
+        per_scale = [list(pixels) for pixels in zip(*(views for views, _ in batch), strict=True)]
         if dense:
-            chunks.append(torch.cat([protocols.mean_posterior(
-                [protocols.dense_posterior(network, normalise(image[None], model, device)) for image in images]).cpu()
-                for images in zip(*per_scale)]))
+            chunks.append(
+                torch.cat(
+                    [
+                        protocols.mean_posterior(
+                            [
+                                protocols.dense_posterior(network, normalise(image[None], model, device))
+                                for image in images
+                            ]
+                        ).cpu()
+                        for images in zip(*per_scale, strict=True)
+                    ]
+                )
+            )
         else:
-            chunks.append(protocols.mean_posterior([protocols.crop_posterior(
-                network, normalise(torch.stack(squares), model, device), protocol, model.crop).cpu()
-                for squares in per_scale]))
+            chunks.append(
+                protocols.mean_posterior(
+                    [
+                        protocols.crop_posterior(
+                            network, normalise(torch.stack(squares), model, device), protocol, model.crop
+                        ).cpu()
+                        for squares in per_scale
+                    ]
+                )
+            )
         indices += [position for _, position in batch]
     if not indices:
         raise datasets.DataError("no readable images to evaluate")
     return Posteriors(torch.cat(chunks), indices, time.perf_counter() - start, list(scales))
 
 
-def protocol_posteriors(model: LoadedModel, samples: Sequence[datasets.Sample], protocol: str,
-                        given_scales: Sequence[int] | None, settings: Settings,
-                        cache: dict[str, Posteriors] | None = None) -> Posteriors:
+def protocol_posteriors(
+    model: LoadedModel,
+    samples: Sequence[datasets.Sample],
+    protocol: str,
+    given_scales: Sequence[int] | None,
+    settings: Settings,
+    cache: dict[str, Posteriors] | None = None,
+) -> Posteriors:
     """``protocol`` for ``model``; ``dense+grid50`` averages the dense and grid50 posteriors
     (reusing them from ``cache``, which this fills)."""
     cache = {} if cache is None else cache
     if protocol in cache:
         return cache[protocol]
     if protocol in COMBINED:
-        parts = [protocol_posteriors(model, samples, part, given_scales, settings, cache) for part in COMBINED[protocol]]
+        parts = [
+            protocol_posteriors(model, samples, part, given_scales, settings, cache) for part in COMBINED[protocol]
+        ]
         _check_same_images(parts)
-        result = Posteriors(protocols.mean_posterior([part.probs for part in parts]), parts[0].indices,
-                            sum(part.seconds for part in parts), sorted({q for part in parts for q in part.scales}))
+        result = Posteriors(
+            protocols.mean_posterior([part.probs for part in parts]),
+            parts[0].indices,
+            sum(part.seconds for part in parts),
+            sorted({q for part in parts for q in part.scales}),
+        )
     else:
         result = evaluate_protocol(model, samples, protocol, test_scales(protocol, model, given_scales), settings)
     cache[protocol] = result
@@ -254,9 +312,10 @@ def _check_same_images(parts: Sequence[Posteriors]) -> None:
 def ensemble(parts: Sequence[Posteriors], permutations: Sequence[list[int]]) -> Posteriors:
     """Section 4.4: the models' posteriors (columns put in one class order) averaged."""
     _check_same_images(parts)
-    probs = protocols.mean_posterior([part.probs[:, order] for part, order in zip(parts, permutations)])
-    return Posteriors(probs, parts[0].indices, sum(part.seconds for part in parts),
-                      sorted({q for part in parts for q in part.scales}))
+    probs = protocols.mean_posterior([part.probs[:, order] for part, order in zip(parts, permutations, strict=True)])
+    return Posteriors(
+        probs, parts[0].indices, sum(part.seconds for part in parts), sorted({q for part in parts for q in part.scales})
+    )
 
 
 def errors(result: Posteriors, labels: Sequence[int]) -> tuple[float, float]:
@@ -270,23 +329,53 @@ def errors(result: Posteriors, labels: Sequence[int]) -> tuple[float, float]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = OneLineArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", action="append", required=True, metavar="CKPT",
-                   help="a trained model (repeat for an ensemble: posteriors averaged, section 4.4)")
-    p.add_argument("--data", required=True, metavar="DIR", help="DIR/val/<class>/*, DIR/train (held-out split) or DIR/<class>/*")
-    p.add_argument("--protocol", nargs="+", choices=protocols.PROTOCOLS, metavar="NAME",
-                   help=f"any of {', '.join(protocols.PROTOCOLS)} (default: all)")
-    p.add_argument("--test-scales", type=int, nargs="+", metavar="Q",
-                   help="test scales Q for every protocol (default: the checkpoint's Q for center/five/ten; "
-                        "S-32, S, S+32, or Smin, (Smin+Smax)/2, Smax for the others)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
-                   help=f"images per batch; at most 5x as many views per forward pass (default {DEFAULT_BATCH})")
+    p = OneLineArgumentParser(
+        prog="python -m training.evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        metavar="CKPT",
+        help="a trained model (repeat for an ensemble: posteriors averaged, section 4.4)",
+    )
+    p.add_argument(
+        "--data", required=True, metavar="DIR", help="DIR/val/<class>/*, DIR/train (held-out split) or DIR/<class>/*"
+    )
+    p.add_argument(
+        "--protocol",
+        nargs="+",
+        choices=protocols.PROTOCOLS,
+        metavar="NAME",
+        help=f"any of {', '.join(protocols.PROTOCOLS)} (default: all)",
+    )
+    p.add_argument(
+        "--test-scales",
+        type=int,
+        nargs="+",
+        metavar="Q",
+        help="test scales Q for every protocol (default: the checkpoint's Q for center/five/ten; "
+        "S-32, S, S+32, or Smin, (Smin+Smax)/2, Smax for the others)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"images per batch; at most 5x as many views per forward pass (default {DEFAULT_BATCH})",
+    )
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: as each checkpoint was trained and validated)")
-    p.add_argument("--workers", type=int, default=None, help="image decoding workers (default 0 on CPU, min(8, cores) on GPU)")
+    p.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: as each checkpoint was trained and validated)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="image decoding workers (default 0 on CPU, min(8, cores) on GPU)"
+    )
     return p
 
 
@@ -311,7 +400,9 @@ def class_orders(models: Sequence[LoadedModel]) -> list[list[int]]:
     orders = []
     for model in models:
         if sorted(model.classes) != sorted(reference):
-            raise UsageError(f"{model.name} and {models[0].name} know different classes; an ensemble needs the same ones")
+            raise UsageError(
+                f"{model.name} and {models[0].name} know different classes; an ensemble needs the same ones"
+            )
         orders.append([model.classes.index(name) for name in reference])
     return orders
 
@@ -328,25 +419,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 test_scales(part, model, args.test_scales)
     classes, samples, where = image_samples(Path(args.data), models[0])
     device = resolve_device(args.device)
-    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
-    settings = Settings(batch_size=args.batch_size, device=device, amp=args.amp, workers=workers,
-                        progress=sys.stderr.isatty())
+    workers = (
+        args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    )
+    settings = Settings(
+        batch_size=args.batch_size, device=device, amp=args.amp, workers=workers, progress=sys.stderr.isatty()
+    )
     labels = [label for _, label in samples]
-    log.info("evaluating %d model(s) on %d images of %d classes from %s", len(models), len(samples), len(classes), where)
+    log.info(
+        "evaluating %d model(s) on %d images of %d classes from %s", len(models), len(samples), len(classes), where
+    )
     caches: list[dict[str, Posteriors]] = [{} for _ in models]
     rows = []
     for protocol in requested:
-        results = [protocol_posteriors(model, samples, protocol, args.test_scales, settings, cache)
-                   for model, cache in zip(models, caches)]
-        named = [(model.name, result) for model, result in zip(models, results)]
+        results = [
+            protocol_posteriors(model, samples, protocol, args.test_scales, settings, cache)
+            for model, cache in zip(models, caches, strict=True)
+        ]
+        named = [(model.name, result) for model, result in zip(models, results, strict=True)]
         if len(models) > 1:
             named.append(("ensemble", ensemble(results, orders)))
         for name, result in named:
             top1, top5 = errors(result, labels)
-            rows.append({"model": name, "protocol": protocol, "test_scales": result.scales, "top1_err": top1,
-                         "top5_err": top5, "images": len(result.indices), "wall_s": round(result.seconds, 2)})
-    return {"checkpoints": list(args.checkpoint), "data": str(args.data), "images_from": where, "classes": classes,
-            "images": len(samples), "device": str(device), "rows": rows}
+            rows.append(
+                {
+                    "model": name,
+                    "protocol": protocol,
+                    "test_scales": result.scales,
+                    "top1_err": top1,
+                    "top5_err": top5,
+                    "images": len(result.indices),
+                    "wall_s": round(result.seconds, 2),
+                }
+            )
+    return {
+        "checkpoints": list(args.checkpoint),
+        "data": str(args.data),
+        "images_from": where,
+        "classes": classes,
+        "images": len(samples),
+        "device": str(device),
+        "rows": rows,
+    }
 
 
 def table(report: dict[str, Any]) -> str:
@@ -355,8 +469,10 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"{'model':<{width}}  {'protocol':<12}  {'test scales Q':<16}  top-1 err  top-5 err  images     wall"]
     for row in report["rows"]:
         scales = ",".join(map(str, row["test_scales"]))
-        lines.append(f"{row['model']:<{width}}  {row['protocol']:<12}  {scales:<16}  {100 * row['top1_err']:8.2f}%"
-                     f"  {100 * row['top5_err']:8.2f}%  {row['images']:6d}  {row['wall_s']:6.1f} s")
+        lines.append(
+            f"{row['model']:<{width}}  {row['protocol']:<12}  {scales:<16}  {100 * row['top1_err']:8.2f}%"
+            f"  {100 * row['top5_err']:8.2f}%  {row['images']:6d}  {row['wall_s']:6.1f} s"
+        )
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ then over the models of an ensemble (section 4.4).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -93,8 +93,11 @@ def grid_offsets(size: int, crop: int, side: int = GRID_SIDE) -> list[int]:
 
 def grid_boxes(width: int, height: int, crop: int, side: int = GRID_SIDE) -> list[Box]:
     """The ``side x side`` grid of crops, row by row (top to bottom, left to right)."""
-    return [(left, top, left + crop, top + crop)
-            for top in grid_offsets(height, crop, side) for left in grid_offsets(width, crop, side)]
+    return [
+        (left, top, left + crop, top + crop)
+        for top in grid_offsets(height, crop, side)
+        for left in grid_offsets(width, crop, side)
+    ]
 
 
 def crop_boxes(protocol: str, width: int, height: int, crop: int) -> list[Box]:
@@ -180,8 +183,9 @@ def crop_posterior(network: Network, images: torch.Tensor, protocol: str, crop: 
     return posterior(network(torch.cat(views)), len(views))
 
 
-def crop_posteriors(network: Network, images: torch.Tensor, protocols: Sequence[str],
-                    crop: int) -> dict[str, torch.Tensor]:
+def crop_posteriors(
+    network: Network, images: torch.Tensor, protocols: Sequence[str], crop: int
+) -> dict[str, torch.Tensor]:
     """Several crop protocols from one forward pass: the union of their views (``center`` is
     ``five``'s last view, ``five`` ``ten``'s first five...) through ``network`` once, then
     each protocol's own views averaged. Equal to :func:`crop_posterior` per protocol."""
@@ -192,14 +196,19 @@ def crop_posteriors(network: Network, images: torch.Tensor, protocols: Sequence[
             for box in crop_boxes(protocol, width, height, crop):
                 keys.setdefault((flipped, box), len(keys))
     flipped_images = _flip(images) if any(flipped for flipped, _ in keys) else images
-    views = [(flipped_images if flipped else images)[..., top:bottom, left:right]
-             for flipped, (left, top, right, bottom) in keys]
+    views = [
+        (flipped_images if flipped else images)[..., top:bottom, left:right]
+        for flipped, (left, top, right, bottom) in keys
+    ]
     probabilities = torch.softmax(network(torch.cat(views)).to(torch.float32), dim=1)
     probabilities = probabilities.view(len(views), -1, probabilities.shape[1])
     result = {}
     for protocol in protocols:
-        chosen = [keys[(flipped, box)] for flipped in ((False, True) if flips(protocol) else (False,))
-                  for box in crop_boxes(protocol, width, height, crop)]
+        chosen = [
+            keys[(flipped, box)]
+            for flipped in ((False, True) if flips(protocol) else (False,))
+            for box in crop_boxes(protocol, width, height, crop)
+        ]
         result[protocol] = probabilities[chosen].mean(dim=0)
     return result
 
@@ -217,5 +226,6 @@ def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
     ONNX ``Resize`` with ``antialias=1`` in an exported graph."""
     if images.shape[-1] == size:
         return images
-    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
-                                           antialias=True)
+    return torch.nn.functional.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
