@@ -249,3 +249,12 @@ def test_pre_init_with_batch_norm_copies_the_batch_norm_of_copied_convs():
 def test_pre_init_refuses_mismatched_heads():
     with pytest.raises(ValueError, match="cannot pre-initialise classifier.6.weight"):
         vgg.init_from_shallower(small("D", num_classes=10), small("A", num_classes=5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_dense_of_a_model_on_the_gpu():
+    model = vgg.build("A", num_classes=5, fc_width=16).cuda().eval()
+    dense = vgg.to_dense(model, crop=32)
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), model(x), rtol=1e-4, atol=1e-4)

@@ -246,3 +246,28 @@ def test_demo_run_reaches_95_percent_and_registers_the_served_model(tmp_path):
     assert metadata["precisions"] == expected, run.stderr[-3000:]
     if not torch.cuda.is_available():
         assert "int8 top-1 agreement with fp32" in run.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_resume_restores_each_ranks_own_rng(tmp_path, tiny_data):
+    """Two gloo ranks with augmentation drawn in each process (no workers): a run stopped after
+    epoch 1 and resumed ends with the weights of an uninterrupted run, which needs every rank to
+    get its own RNG state back (rank 1 restoring rank 0's would draw rank 0's crops and flips)."""
+    args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--dropout", "0", "--scale", "36", "44"]
+
+    def torchrun(out: Path, *extra: str) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "training.run", *args, "--out", str(out), *extra]
+        done = subprocess.run(command, cwd=REPO_ROOT, env=run_env(tmp_path), capture_output=True, text=True,
+                              timeout=400)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun(tmp_path / "straight")
+    torchrun(tmp_path / "split", "--epochs", "1")
+    first = load_checkpoint(tmp_path / "split" / "last.pt")
+    ranks = first["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    torchrun(tmp_path / "split", "--resume")
+    straight, resumed = weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "split" / "last.pt")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)

@@ -334,6 +334,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, index)
 
 
+def gather_rng_states(runtime: Runtime) -> list[dict[str, Any]]:
+    """Every rank's RNG state in rank order, on rank 0 (the other ranks get ``[]``). Each rank
+    draws its own augmentations, so a resume must give each its own state back."""
+    state = rng_state()
+    if not runtime.distributed:
+        return [state]
+    gathered: list[Any] | None = [None] * runtime.world_size if runtime.is_main else None
+    dist.gather_object(state, gathered, dst=0)
+    return list(gathered) if gathered is not None else []
+
+
+def rank_rng_state(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """``rank``'s saved RNG state in a resume state (``None`` if it was saved by fewer processes)."""
+    ranks = state.get("rng_ranks")
+    if isinstance(ranks, list) and ranks:
+        return ranks[rank] if rank < len(ranks) else None
+    return state["rng"] if rank == 0 else None  # saved before every rank's state was kept
+
+
 def resolve_data(config: TrainConfig) -> TrainConfig:
     """Materialise the demo set or a download as a folder; ``config.data`` points at it."""
     if config.data is not None:
@@ -455,9 +474,12 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def checkpoint_dict(*, config: TrainConfig, model: nn.Module, optimizer, rule: PlateauState, epoch: int,
-                    classes: list[str], stats: Stats, history: list[dict[str, Any]], init: str) -> dict[str, Any]:
-    """The schema of :mod:`vgg.checkpoint`, plus the resume state."""
+                    classes: list[str], stats: Stats, history: list[dict[str, Any]], init: str,
+                    rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The schema of :mod:`vgg.checkpoint`, plus the resume state; ``rng_states``: every rank's
+    RNG state in rank order (:func:`gather_rng_states`), default this process's."""
     last = history[-1]
+    rng_states = rng_states or [rng_state()]
     return {
         "format": CHECKPOINT_FORMAT,
         "arch": {"cfg": config.cfg, "batch_norm": config.batch_norm, "num_classes": len(classes),
@@ -472,7 +494,8 @@ def checkpoint_dict(*, config: TrainConfig, model: nn.Module, optimizer, rule: P
         "optimizer": optimizer.state_dict(),
         "lr_rule": rule.to_dict(),
         "epoch": epoch,
-        "rng": rng_state(),
+        "rng": rng_states[0],
+        "rng_ranks": rng_states,
         "history": history,
     }
 
@@ -528,7 +551,7 @@ def main(args: argparse.Namespace) -> int:
     rule, start_epoch, history = PlateauState(lr=config.lr), 1, []
     if resume_state is not None:
         rule, start_epoch, history, init = restore(resume_state, model=model, optimizer=optimizer, init=init,
-                                                   path=Path(config.out) / "last.pt")
+                                                   path=Path(config.out) / "last.pt", rank=runtime.rank)
     train_model = nn.parallel.DistributedDataParallel(model) if runtime.distributed else model
 
     log.info("VGG-%s%s, %d classes, %d train / %d val images from %s", config.cfg, "-BN" if config.batch_norm else "",
@@ -558,10 +581,12 @@ def main(args: argparse.Namespace) -> int:
         history.append(row)
         rule = plateau_step(rule, val_top1=val_top1, patience=config.lr_patience, factor=config.lr_factor,
                             max_decreases=config.lr_max_decreases)
+        rng_states = gather_rng_states(runtime)  # a collective: every rank takes part
         if runtime.is_main:
             log_epoch(row, train, rule)
             ckpt = checkpoint_dict(config=config, model=model, optimizer=optimizer, rule=rule, epoch=epoch,
-                                   classes=splits.classes, stats=stats, history=history, init=init)
+                                   classes=splits.classes, stats=stats, history=history, init=init,
+                                   rng_states=rng_states)
             save_checkpoint(ckpt, out / "last.pt")
             if val_top1 > best_top1:
                 best_top1 = val_top1
@@ -583,14 +608,20 @@ def main(args: argparse.Namespace) -> int:
 
 
 def restore(state: dict[str, Any], *, model: nn.Module, optimizer, init: str,
-            path: Path) -> tuple[PlateauState, int, list[dict[str, Any]], str]:
-    """Load the resume state of ``last.pt`` into ``model``/``optimizer`` and the RNGs; returns
-    the LR rule, the first epoch to run, the history and the init description."""
+            path: Path, rank: int = 0) -> tuple[PlateauState, int, list[dict[str, Any]], str]:
+    """Load the resume state of ``last.pt`` into ``model``/``optimizer`` and this rank's RNGs;
+    returns the LR rule, the first epoch to run, the history and the init description. A rank
+    the run did not have before keeps its fresh seed (``seed + rank``)."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rule = PlateauState.from_dict(state["lr_rule"])
-        set_rng_state(state["rng"])
+        own = rank_rng_state(state, rank)
+        if own is None:
+            log.warning("rank %d: %s holds no RNG state for it (saved by fewer processes); it starts from its seed",
+                        rank, path)
+        else:
+            set_rng_state(own)
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
         raise CheckpointError(f"{path}: cannot resume from it ({one_line(error)})") from None
