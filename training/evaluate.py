@@ -208,6 +208,37 @@ def _chunked(network, views_per_pass: int):
     return forward
 
 
+def _crop_batch(
+    network, model: LoadedModel, per_scale: list[list[torch.Tensor]], protocol: str, device
+) -> torch.Tensor:
+    """A crop protocol on one batch: ``per_scale[s]`` holds the images' uint8 squares at scale s."""
+    posteriors = [
+        protocols.crop_posterior(network, normalise(torch.stack(squares), model, device), protocol, model.crop)
+        for squares in per_scale
+    ]
+    return protocols.mean_posterior(posteriors).cpu()
+
+
+def _dense_batch(network, model: LoadedModel, per_scale: list[list[torch.Tensor]], device) -> torch.Tensor:
+    """Dense evaluation of one batch, image by image (the rescaled images differ in size)."""
+    rows = []
+    for images in zip(*per_scale, strict=True):  # one image at every scale
+        views = [protocols.dense_posterior(network, normalise(image[None], model, device)) for image in images]
+        rows.append(protocols.mean_posterior(views).cpu())
+    return torch.cat(rows)
+
+
+def _loader(samples: Sequence[datasets.Sample], scales: Sequence[int], *, dense: bool, settings: Settings):
+    """Batches of ``(per-scale uint8 inputs, sample position)``; unreadable files are skipped and logged."""
+    indexed = [(path, position) for position, (path, _) in enumerate(samples)]
+    dataset = datasets.ImageDataset(indexed, ProtocolInput(scales=scales, dense=dense))
+    return datasets.ReportingLoader(
+        DataLoader(
+            dataset, batch_size=settings.batch_size, collate_fn=datasets.collate_lists, num_workers=settings.workers
+        )
+    )
+
+
 @torch.no_grad()
 def evaluate_protocol(
     model: LoadedModel, samples: Sequence[datasets.Sample], protocol: str, scales: Sequence[int], settings: Settings
@@ -215,59 +246,23 @@ def evaluate_protocol(
     """``protocol`` (one of :data:`vgg.protocols.PROTOCOLS` but ``dense+grid50``) of ``model`` on
     ``samples``, posteriors averaged over ``scales`` (section 4.2)."""
     start = time.perf_counter()
-    dense = protocol == "dense"
+    dense, device = protocol == "dense", settings.device
     amp = model.amp if settings.amp is None else settings.amp
-    device = settings.device
     net = model.model.to(device).eval()
-    if dense:
-        net = to_dense(net, crop=model.crop).eval()
-    channels_last = device.type == "cuda"
-    network = _chunked(
-        network_fn(net, device=device, amp=amp, channels_last=channels_last and not dense),
-        max(1, settings.batch_size) * 5,
-    )
-    indexed = [(path, position) for position, (path, _) in enumerate(samples)]
-    loader = datasets.ReportingLoader(
-        DataLoader(
-            datasets.ImageDataset(indexed, ProtocolInput(scales=scales, dense=dense)),
-            batch_size=settings.batch_size,
-            collate_fn=datasets.collate_lists,
-            num_workers=settings.workers,
-        )
-    )
+    net = to_dense(net, crop=model.crop).eval() if dense else net
+    channels_last = device.type == "cuda" and not dense
+    network = _chunked(network_fn(net, device=device, amp=amp, channels_last=channels_last), settings.batch_size * 5)
+    loader = _loader(samples, scales, dense=dense, settings=settings)
+    description = f"{Path(model.name).name} {protocol}"
     chunks, indices = [], []
-    bar = progress_bar(
-        loader, total=len(loader), description=f"{Path(model.name).name} {protocol}", enabled=settings.progress
-    )
-    for batch in bar:
+    for batch in progress_bar(loader, total=len(loader), description=description, enabled=settings.progress):
         if batch is None:
             continue
         per_scale = [list(pixels) for pixels in zip(*(views for views, _ in batch), strict=True)]
         if dense:
-            chunks.append(
-                torch.cat(
-                    [
-                        protocols.mean_posterior(
-                            [
-                                protocols.dense_posterior(network, normalise(image[None], model, device))
-                                for image in images
-                            ]
-                        ).cpu()
-                        for images in zip(*per_scale, strict=True)
-                    ]
-                )
-            )
+            chunks.append(_dense_batch(network, model, per_scale, device))
         else:
-            chunks.append(
-                protocols.mean_posterior(
-                    [
-                        protocols.crop_posterior(
-                            network, normalise(torch.stack(squares), model, device), protocol, model.crop
-                        ).cpu()
-                        for squares in per_scale
-                    ]
-                )
-            )
+            chunks.append(_crop_batch(network, model, per_scale, protocol, device))
         indices += [position for _, position in batch]
     if not indices:
         raise datasets.DataError("no readable images to evaluate")
