@@ -201,6 +201,22 @@ def test_classes_are_matched_by_name_not_by_position(tmp_path, capsys):
     assert "center" in capsys.readouterr().out
 
 
+def test_a_torchvision_layout_state_dict_with_labels(tmp_path, model):
+    """What export accepts: a bare state dict, its classes named by --labels, torchvision's preprocessing."""
+    state_dict = tmp_path / "vgg.pth"
+    torch.save(model.state_dict(), state_dict)
+    (tmp_path / "labels.txt").write_text("\n".join(CLASSES) + "\n")
+    data = noisy_folder(tmp_path / "images", {"dog": 1, "fish": 1}, seed=4)
+    report = tmp_path / "r.json"
+    argv = ["--checkpoint", str(state_dict), "--labels", str(tmp_path / "labels.txt"), "--data", str(data)]
+    assert ev.cli([*argv, "--protocol", "center", "--json", str(report)]) == 0
+    (row,) = json.loads(report.read_text())["rows"]
+    assert row["images"] == 2 and row["test_scales"] == [256]  # torchvision's Q
+    loaded = ev.load_model(state_dict, labels=CLASSES)
+    assert loaded.crop == 224 and loaded.classes == CLASSES
+    assert ev.cli(["--checkpoint", str(state_dict), "--data", str(data)]) == 2  # 3 outputs, no names
+
+
 def test_held_out_split_of_a_train_folder_is_the_one_training_validated_on(tmp_path, checkpoint):
     write_folder(tmp_path / "data" / "train", {"cat": 8, "dog": 8}, size=40)
     loaded = ev.load_model(checkpoint)

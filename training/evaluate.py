@@ -31,7 +31,7 @@ from training import data as datasets
 from training.engine import network_fn, progress_bar, topk_correct
 from training.run import UsageError, resolve_device
 from vgg import protocols
-from vgg.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from vgg.checkpoint import CheckpointError, load_any, model_from_checkpoint, read_labels
 from vgg.dense import to_dense
 from vgg.errors import OneLineArgumentParser
 from vgg.preprocessing import MAX_SCALE, default_test_scale, resize_shortest_side, to_graph_input
@@ -63,13 +63,12 @@ class LoadedModel:
     config: dict[str, Any]
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """A project checkpoint as a :class:`LoadedModel`; :class:`CheckpointError` otherwise.
-
-    Plain torchvision state dicts (which export accepts) go through the same function once
-    :mod:`vgg.checkpoint` reads them into the project's checkpoint form.
-    """
-    checkpoint = load_checkpoint(path)
+def load_model(path: str | os.PathLike, *, labels: list[str] | None = None) -> LoadedModel:
+    """A project checkpoint, or a torchvision-layout VGG state dict (what export accepts:
+    :func:`vgg.checkpoint.load_any`; ``labels`` name its classes), as a :class:`LoadedModel`;
+    :class:`CheckpointError` otherwise. A state dict has torchvision's preprocessing (Q = 256,
+    224 crops) and, knowing no training scale, is taken as trained at S = Q."""
+    checkpoint = load_any(path, labels=labels)
     model = model_from_checkpoint(checkpoint)
     try:
         preprocess, config = checkpoint["preprocess"], checkpoint.get("config") or {}
@@ -361,6 +360,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"images per batch; at most 5x as many views per forward pass (default {DEFAULT_BATCH})",
     )
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names, one per line in index order, for every --checkpoint (as python -m export's; "
+        "default: the checkpoint's, ImageNet-1k's for a 1,000-class state dict)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument(
         "--amp",
@@ -405,7 +410,8 @@ def class_orders(models: Sequence[LoadedModel]) -> list[list[int]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate; returns the report (rows of figures) that the CLI prints and writes."""
     check_args(args)
-    models = [load_model(path) for path in args.checkpoint]
+    labels = read_labels(args.labels) if args.labels else None
+    models = [load_model(path, labels=labels) for path in args.checkpoint]
     orders = class_orders(models)
     requested = args.protocol or list(DEFAULT_PROTOCOLS)
     for model in models:  # bad scales fail before any work
