@@ -345,6 +345,6 @@ def test_export_multi_scale_dense_is_self_checked_and_says_its_scales(tmp_path, 
     resize = [node for node in onnx.load(str(out)).graph.node if node.op_type == "Resize"]
     assert resize and all(any(a.name == "antialias" and a.i == 1 for a in node.attribute) for node in resize)
     with pytest.raises(ExportError, match="not both"):
-        export_checkpoint(checkpoint, tta="dense", scale=48, test_scales=[32, 48], out=out, register=False)
+        export_checkpoint(checkpoint, tta="dense", test_scale=48, test_scales=[32, 48], out=out, register=False)
     with pytest.raises(ExportError, match="--test-scales is 16; a test scale must be between the crop 32"):
         export_checkpoint(checkpoint, tta="dense", test_scales=[16, 48], out=out, register=False)
