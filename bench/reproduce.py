@@ -38,9 +38,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -244,7 +244,8 @@ def evaluate_checkpoint(path: str, val: list[Sample], *, protocols: list[str], b
         fp32 = cache["five"] if not amp and "five" in cache else evaluation.protocol_posteriors(
             model, val, "five", None, dataclasses.replace(settings, amp=False))
     if len(fp32.indices) != len(val):
-        raise SystemExit(f"{len(val) - len(fp32.indices)} held-out images are unreadable; the served comparison needs all")
+        unreadable = len(val) - len(fp32.indices)
+        raise SystemExit(f"{unreadable} held-out images are unreadable; the served comparison needs all")
     return errors, fp32.probs.argmax(dim=1).tolist()
 
 
@@ -293,7 +294,8 @@ PROTOCOL_TITLES = {"center": "centre", "five": "FiveCrop", "ten": "TenCrop", "gr
 def markdown(results: dict) -> str:
     protocols = [name for name in PROTOCOLS if name in results["protocols"]]
     rows = [
-        "| run | init | epochs | wall | train img/s | " + " | ".join(PROTOCOL_TITLES[name] for name in protocols) + " |",
+        "| run | init | epochs | wall | train img/s | "
+        + " | ".join(PROTOCOL_TITLES[name] for name in protocols) + " |",
         "|---|---|---|---|---|" + "---|" * len(protocols),
     ]
     for run in results["runs"]:

@@ -123,8 +123,8 @@ def _load_source(
         _check_scale(q, crop=crop, where="--test-scales")
     config = checkpoint.get("config") or {}
     data = config.get("data") if isinstance(config, dict) else None
-    return _Source(checkpoint, model, mean, std, crop, scales[-1], _sha256(checkpoint_path), check.training_folder(data),
-                   test_scales=scales)
+    return _Source(checkpoint, model, mean, std, crop, scales[-1], _sha256(checkpoint_path),
+                   check.training_folder(data), test_scales=scales)
 
 
 def _whole_number(value: Any, name: str) -> int:

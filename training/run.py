@@ -428,7 +428,8 @@ def make_loaders(config: TrainConfig, splits: datasets.Splits, stats: Stats, run
                             num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     dense_loader = None
     if config.eval_dense:
-        dense_set = datasets.ImageDataset(splits.val, DensePreset(scales=multi_scale_test_scales(config.scale_range, config.crop), stats=stats))
+        scales = multi_scale_test_scales(config.scale_range, config.crop)
+        dense_set = datasets.ImageDataset(splits.val, DensePreset(scales=scales, stats=stats))
         dense_loader = datasets.ReportingLoader(
             DataLoader(dense_set, batch_size=8, collate_fn=datasets.collate_lists, num_workers=workers))
     return Loaders(sampler=sampler, train=datasets.ReportingLoader(train_loader), val=datasets.ReportingLoader(val_loader),
@@ -630,7 +631,8 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer, init: str,
 
 def evaluate_epoch(model, val_loader, dense_loader, *, config: TrainConfig, runtime: Runtime,
                    channels_last: bool) -> dict[str, float]:
-    accuracy = evaluate(model, val_loader, crop=config.crop, device=runtime.device, amp=config.amp, channels_last=channels_last)
+    accuracy = evaluate(model, val_loader, crop=config.crop, device=runtime.device, amp=config.amp,
+                        channels_last=channels_last)
     if dense_loader is not None:
         accuracy.update(evaluate_dense(model, dense_loader, crop=config.crop, device=runtime.device, amp=config.amp))
     return {f"{key}_err": 1 - value for key, value in accuracy.items()}
