@@ -27,10 +27,13 @@ Configuration (environment): see ``README.md, "Serving"`` and :class:`serving.se
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import threading
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
 import bentoml
 import numpy as np
@@ -40,20 +43,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from serving.admission import Budget
 from serving.batching import BatchDispatcher
-from serving.engine import Engine, EngineError, check_model, load_engine, warm_up_sizes
+from serving.engine import Engine, EngineError, load_engine, warm_up_sizes
 from serving.guard import RequestGuard
 from serving.images import ApiError, preprocess_upload
-from serving.metrics import inference_metrics
-from serving.page import PageMiddleware, page_url
+from serving.memory import keep_large_buffers_mapped
+from serving.metrics import bound_endpoint_labels, inference_metrics
+from serving.page import PAGE_PATH, PageMiddleware, page_url
 from serving.settings import Settings, SettingsError
+from serving.startup import check_start
 from serving.workers import WarmBoard, configured_workers, cpu_threads, gpu_for_worker, visible_gpus, worker_index
 from vgg.errors import one_line
 
 logger = logging.getLogger("bentoml.vgg")
 
+T = TypeVar("T")
 DEFAULT_TOP_K = 5
 SERVICE_NAME = "vgg"
+WARMING_UP_RETRY_AFTER_S = 5
 
 
 class Prediction(BaseModel):
@@ -100,12 +108,48 @@ async def infer_all(
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse({"error": error.message}, status_code=error.status)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
+    return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
+
+
+async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a new daemon thread: an ONNX Runtime call cannot be interrupted,
+    and a daemon thread does not hold the worker's exit (SIGTERM during a long warm-up) until it
+    ends. The dispatcher keeps at most one batch in flight, so calls never overlap."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome, failure = function(*args), None
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+            outcome, failure = None, error
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, outcome, failure)
+
+    threading.Thread(target=target, name="vgg-ort", daemon=True).start()
+    return await future
+
+
+def served_test_scale() -> int | None:
+    """The served model's test scale Q once this worker has loaded it (for the request guard)."""
+    try:
+        engine = bentoml.get_current_service().engine
+    except Exception:  # noqa: BLE001 - no service instance yet
+        return None
+    return None if engine is None else engine.test_scale
 
 
 async def model_info(_: Request) -> JSONResponse:
     """``GET /model``: what this server serves (see :meth:`VGGClassifier.describe`)."""
-    return JSONResponse(bentoml.get_current_service().describe())
+    try:
+        return JSONResponse(bentoml.get_current_service().describe())
+    except ApiError as error:
+        return error_response(error)
 
 
 # Plain GET routes next to the BentoML APIs (which are POST only).
@@ -119,11 +163,11 @@ class VGGClassifier:
 
     @bentoml.on_deployment
     def check_before_start() -> None:
-        """In the ``bentoml serve`` process, before any worker starts: a missing model or a bad
-        setting stops the server with one line instead of a worker restarting in a loop."""
+        """In the ``bentoml serve`` process, before any worker starts: a bad setting, a missing
+        model or one that a worker could not open or run stops the server with one line
+        instead of a worker restarting in a loop (:mod:`serving.startup`)."""
         try:
-            settings = Settings.from_env()
-            tag = check_model(require_gpu=settings.require_gpu, precision=settings.precision)
+            tag = check_start()
         except (EngineError, SettingsError) as error:
             raise SystemExit(f"vgg service cannot start: {error}") from None
         logger.info("model to serve: %s, %d worker(s)", tag, configured_workers())
@@ -134,45 +178,66 @@ class VGGClassifier:
         self.worker = worker_index()
         self._warm = WarmBoard(self.workers)
         self._warm.mark_cold(self.worker)
-        try:
-            self.engine: Engine = load_engine(
-                require_gpu=self.settings.require_gpu,
-                precision=self.settings.precision,
-                intra_op_threads=cpu_threads(self.workers),
-                gpu_id=gpu_for_worker(self.worker, visible_gpus()),
-            )
-        except EngineError as error:
-            logger.error("cannot start: %s", error)
-            raise SystemExit(f"cannot start: {error}") from None
-        logger.info(
-            "worker %d/%d serving %s: %s graph on %s; batches of up to %d, max latency %d ms",
-            self.worker,
-            self.workers,
-            self.engine.tag,
-            self.engine.precision,
-            self.engine.provider,
-            self.settings.max_batch_size,
-            self.settings.max_latency_ms,
-        )
+        bound_endpoint_labels(served_prefixes=(PAGE_PATH,))
+        keep_large_buffers_mapped()
+        self.engine: Engine | None = None  # loaded in the background, after the server accepts connections
         self.metrics = inference_metrics(max_batch_size=self.settings.max_batch_size)
         self._dispatcher = BatchDispatcher(
             self.infer_batch, max_batch_size=self.settings.max_batch_size, max_latency_ms=self.settings.max_latency_ms
         )
         self._submit = self._dispatcher.submit
-        self._inference_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vgg-ort")
+        self._queued = Budget(
+            self.settings.max_queued_images, setting="VGG_MAX_QUEUED_IMAGES", unit="images", small_share=None
+        )
         self._ready = False
+        self._failure: str | None = None
+        self._starting: asyncio.Task | None = None
 
     @bentoml.on_startup
-    async def warm_up(self) -> None:
+    async def start_in_background(self) -> None:
+        """Load the engine and warm up in a background task: the server accepts connections
+        meanwhile, ``/livez`` answers 200 and ``/readyz`` 503 until every batch size is warm."""
+        self._starting = asyncio.create_task(self._load_and_warm_up())
+
+    async def _load_and_warm_up(self) -> None:
+        try:
+            self.engine = await in_daemon_thread(
+                functools.partial(
+                    load_engine,
+                    require_gpu=self.settings.require_gpu,
+                    precision=self.settings.precision,
+                    intra_op_threads=cpu_threads(self.workers),
+                    gpu_id=gpu_for_worker(self.worker, visible_gpus()),
+                )
+            )
+            logger.info(
+                "worker %d/%d serving %s: %s graph on %s; batches of up to %d, max latency %d ms",
+                self.worker,
+                self.workers,
+                self.engine.tag,
+                self.engine.precision,
+                self.engine.provider,
+                self.settings.max_batch_size,
+                self.settings.max_latency_ms,
+            )
+            await self._warm_up(self.engine)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - reported once; the worker stays up, not ready
+            self._failure = one_line(error, with_type=not isinstance(error, EngineError))
+            logger.error("worker %d cannot serve: %s", self.worker, self._failure)
+
+    async def _warm_up(self, engine: Engine) -> None:
         """Run every batch size the dispatcher will form, then train the dispatcher's latency
-        model, before ``/readyz`` answers 200."""
+        model (with no latency limit: warm-up cannot fail on ``VGG_MAX_LATENCY_MS``)."""
         sizes = warm_up_sizes(self.settings.max_batch_size)
-        await asyncio.to_thread(self.engine.warm_up, sizes)
-        blank = np.zeros((self.engine.test_scale, self.engine.test_scale, 3), dtype=np.uint8)
-        for _ in range(12):  # the dispatcher profiles its first calls one request at a time
-            await self._submit(blank)
-        for size in sizes:
-            await asyncio.gather(*(self._submit(blank) for _ in range(size)))
+        await in_daemon_thread(engine.warm_up, sizes)
+        blank = np.zeros((engine.test_scale, engine.test_scale, 3), dtype=np.uint8)
+        with self._dispatcher.without_latency_limit():
+            for _ in range(12):  # the dispatcher profiles its first calls one request at a time
+                await self._submit(blank)
+            for size in sizes:
+                await asyncio.gather(*(self._submit(blank) for _ in range(size)))
         self._dispatcher.forget_queueing()
         self._ready = True
         self._warm.mark_warm(self.worker)
@@ -181,45 +246,71 @@ class VGGClassifier:
             logger.info("ready: try it in a browser at %s", page_url(SERVICE_NAME))
 
     @bentoml.on_shutdown
-    def release(self) -> None:
+    async def release(self) -> None:
         self._warm.mark_cold(self.worker)
-        self._inference_thread.shutdown(wait=True)
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()  # a call under way goes on in its daemon thread; exit does not wait
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._starting
 
     def __is_ready__(self) -> bool:
         """Ready when this worker and every other worker of the server are warm."""
         return self._ready and self._warm.all_warm()
 
+    def _serving_engine(self) -> Engine:
+        """The engine once warm, else a 503 with ``Retry-After``."""
+        if self._ready and self.engine is not None:
+            return self.engine
+        raise self._not_serving()
+
+    def _not_serving(self) -> ApiError:
+        if self._failure is not None:
+            return ApiError(503, f"this worker cannot serve: {self._failure}")
+        return ApiError(
+            503,
+            "warming up: the model is being loaded and warmed up, retry shortly",
+            retry_after=WARMING_UP_RETRY_AFTER_S,
+        )
+
     def describe(self) -> dict:
         """What is served: the engine's model and precision, and the number of workers."""
+        if self.engine is None:
+            raise self._not_serving()
         return {**self.engine.describe(), "workers": self.workers}
 
     async def infer_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The one batchable inference method: ``[Q, Q, 3]`` uint8 images -> probabilities,
         as one ONNX Runtime call."""
         batch = np.stack(images)
-        # Its own thread: an inference never waits behind image decoding in the shared pool.
-        probs = await asyncio.get_running_loop().run_in_executor(self._inference_thread, self.engine.run, batch)
+        # A thread of its own: an inference never waits behind image decoding in the shared pool.
+        engine = self.engine
+        assert engine is not None, "inference before the engine is loaded"
+        probs = await in_daemon_thread(engine.run, batch)
         self.metrics.observe(len(images))
         return list(probs)
 
-    async def _preprocess(self, path: Path, *, position: int | None) -> np.ndarray:
+    async def _preprocess(self, engine: Engine, path: Path, *, position: int | None) -> np.ndarray:
         """Decode one upload in a worker thread; in a batch, errors name the image's position."""
         try:
             return await asyncio.to_thread(
-                preprocess_upload, path, test_scale=self.engine.test_scale, max_pixels=self.settings.max_pixels
+                preprocess_upload, path, test_scale=engine.test_scale, max_pixels=self.settings.max_pixels
             )
         except ApiError as error:
             if position is None:
                 raise
-            raise ApiError(error.status, f"images[{position}]: {error.message}") from None
+            raise ApiError(
+                error.status, f"images[{position}]: {error.message}", retry_after=error.retry_after
+            ) from None
 
     async def _classify_paths(self, paths: Sequence[Path], top_k: int | None, *, batch: bool) -> list[Classification]:
-        top_k = resolve_top_k(top_k, num_classes=self.engine.num_classes)
-        arrays = await asyncio.gather(
-            *(self._preprocess(path, position=index if batch else None) for index, path in enumerate(paths))
-        )
-        probs = await infer_all(self._submit, arrays)
-        return [classification(row, top_k=top_k, labels=self.engine.labels, model=self.engine.tag) for row in probs]
+        engine = self._serving_engine()
+        top_k = resolve_top_k(top_k, num_classes=engine.num_classes)
+        with self._queued.hold(len(paths)):  # VGG_MAX_QUEUED_IMAGES: refused at once past it
+            arrays = await asyncio.gather(
+                *(self._preprocess(engine, path, position=index if batch else None) for index, path in enumerate(paths))
+            )
+            probs = await infer_all(self._submit, arrays)
+        return [classification(row, top_k=top_k, labels=engine.labels, model=engine.tag) for row in probs]
 
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, top_k: int | None = None) -> Classification:
@@ -248,4 +339,9 @@ class VGGClassifier:
 
 
 VGGClassifier.add_asgi_middleware(PageMiddleware)
-VGGClassifier.add_asgi_middleware(RequestGuard, paths={"/classify": "image", "/classify_batch": "images"})
+VGGClassifier.add_asgi_middleware(
+    RequestGuard,
+    paths={"/classify": "image", "/classify_batch": "images"},
+    batch_paths=("/classify_batch",),
+    test_scale=served_test_scale,
+)

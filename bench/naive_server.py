@@ -16,7 +16,7 @@ import onnxruntime as ort
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 
 from serving.engine import resolve_model
-from vgg.preprocessing import ImageDecodeError, open_rgb, to_graph_input
+from vgg.preprocessing import ImageDecodeError, load_graph_input
 
 _state: dict = {}
 
@@ -42,7 +42,7 @@ def readyz() -> dict:
 def classify(image: UploadFile = File(...), top_k: int = Form(5)) -> dict:
     files = _state["files"]
     try:
-        pixels = to_graph_input(open_rgb(image.file.read()), files.test_scale)
+        pixels = load_graph_input(image.file.read(), files.test_scale)
     except ImageDecodeError as error:
         raise HTTPException(400, str(error)) from None
     probs = _state["session"].run(None, {"images": pixels[None]})[0][0]

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
 from serving.engine import Engine, EngineError, ModelFiles, resolve_model  # noqa: E402
-from vgg.preprocessing import open_rgb, to_graph_input  # noqa: E402
+from vgg.preprocessing import load_graph_input  # noqa: E402
 
 IMAGENETTE = REPO_ROOT.parent / "shared" / "data" / "imagenette"
 CPU_PRECISIONS = ("fp32", "int8")
@@ -223,7 +223,7 @@ def bench_http(name: str, precision: str, url: str, payloads: list[bytes], args:
 
 
 def bench_engine(engine: Engine, payloads: list[bytes], args: argparse.Namespace) -> list[Result]:
-    decode = lambda data: to_graph_input(open_rgb(data), engine.test_scale)  # noqa: E731
+    decode = lambda data: load_graph_input(data, engine.test_scale)  # noqa: E731
     results = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.concurrency)) as pool:
         for concurrency in args.concurrency:
@@ -390,7 +390,7 @@ def int8_agreement(files: ModelFiles, payloads: list[bytes]) -> float | None:
     """Top-1 agreement of the int8 graph with the fp32 graph on ``payloads`` (as served: same decode)."""
     if not {"fp32", "int8"} <= set(files.graphs):
         return None
-    images = np.stack([to_graph_input(open_rgb(data), files.test_scale) for data in payloads])
+    images = np.stack([load_graph_input(data, files.test_scale) for data in payloads])
     top1 = [Engine(files, device="cpu", precision=p).run(images).argmax(axis=1) for p in ("fp32", "int8")]
     return float((top1[0] == top1[1]).mean())
 

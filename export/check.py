@@ -1,7 +1,7 @@
 """Images for the export checks, and running an ONNX model on them.
 
 Check images are real training images (decoded and resized exactly as the service does:
-:func:`vgg.preprocessing.open_rgb` + :func:`vgg.preprocessing.to_graph_input`) plus random
+:func:`vgg.preprocessing.load_graph_input`) plus random
 uint8 images, which exercise every pixel value.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from vgg.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, open_rgb, to_graph_input
+from vgg.preprocessing import IMAGE_EXTENSIONS, ImageDecodeError, load_graph_input
 
 __all__ = [
     "image_files",
@@ -57,7 +57,7 @@ def load_graph_inputs(files: Sequence[Path], *, test_scale: int) -> np.ndarray:
     images = []
     for path in files:
         try:
-            images.append(to_graph_input(open_rgb(path), test_scale))
+            images.append(load_graph_input(path, test_scale))
         except ImageDecodeError as error:
             logger.warning("skipping %s: %s", path, error)
     return np.stack(images) if images else np.zeros((0, test_scale, test_scale, 3), dtype=np.uint8)

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Awaitable, Callable, Generic, Sequence, TypeVar
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from bentoml._internal.marshal.dispatcher import CorkDispatcher  # pinned: bentoml==1.4.40
 
+from serving.admission import RETRY_AFTER_S
 from serving.images import ApiError
 
 __all__ = ["BatchDispatcher"]
+
+WARM_UP_LATENCY_S = 24 * 3600.0  # the latency budget while warming up: none in practice
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -31,16 +36,25 @@ def _overloaded() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():  # a disconnected client: stay cancelled, not a 503
         raise asyncio.CancelledError()
-    raise ApiError(503, "overloaded: the request could not be served within the latency limit, retry later")
+    raise ApiError(
+        503,
+        "overloaded: the request could not be served within the latency limit (VGG_MAX_LATENCY_MS), retry later",
+        retry_after=RETRY_AFTER_S,
+    )
 
 
 def _check_internals(cork: CorkDispatcher) -> None:
     """Fail loudly, at start-up, if a BentoML upgrade changed the internals used here."""
     optimizer = getattr(cork, "optimizer", None)
     stats = getattr(optimizer, "o_stat", None)
-    if not isinstance(stats, collections.deque) or not hasattr(optimizer, "wait") or stats.maxlen is None:
+    if (
+        not isinstance(stats, collections.deque)
+        or not hasattr(optimizer, "wait")
+        or stats.maxlen is None
+        or not isinstance(getattr(cork, "max_latency", None), float)
+    ):
         raise RuntimeError(
-            "bentoml's CorkDispatcher internals changed (optimizer.o_stat deque / optimizer.wait): "
+            "bentoml's CorkDispatcher internals changed (optimizer.o_stat deque / optimizer.wait / max_latency): "
             "update serving/batching.py for this BentoML version"
         )
 
@@ -63,6 +77,17 @@ class BatchDispatcher(Generic[In, Out]):
         )
         _check_internals(self._cork)
         self.submit: Callable[[In], Awaitable[Out]] = self._cork(infer_batch)
+
+    @contextlib.contextmanager
+    def without_latency_limit(self) -> Iterator[None]:
+        """No request is dropped for the latency budget inside the block (warm-up: its first
+        calls are slow by nature and must not fail, whatever ``max_latency_ms`` is)."""
+        budget = self._cork.max_latency
+        self._cork.max_latency = WARM_UP_LATENCY_S
+        try:
+            yield
+        finally:
+            self._cork.max_latency = budget
 
     def forget_queueing(self) -> None:
         """Keep the learnt batch cost, drop the queueing delays seen so far (after warm-up,

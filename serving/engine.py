@@ -9,11 +9,12 @@ has that graph, else fp32. The service, its tests and ``bench/serve.py`` all use
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,17 +178,39 @@ def _json_or_text(value: str) -> Any:
 
 
 def _store_labels(model: Any, metadata: dict[str, Any], num_classes: int) -> list[str]:
+    """The entry's ``classes.json``; the ONNX metadata's labels only for an entry without one.
+    A ``classes.json`` that is there but unreadable is an error, never labels "0".."N"."""
+    where = f"model {model.tag}: {store.CLASSES_FILE}"
     try:
-        return [str(label) for label in store.model_classes(model)]
-    except (OSError, ValueError):
+        labels = store.model_classes(model)
+    except FileNotFoundError:
         return _labels_from_metadata(metadata, num_classes)
+    except OSError as error:
+        raise EngineError(f"{where} cannot be read ({error.strerror or error}): re-export the model") from None
+    except ValueError as error:
+        raise EngineError(f"{where} is not valid JSON ({one_line(error)}): re-export the model") from None
+    if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+        raise EngineError(f"{where} is not a list of class names: re-export the model")
+    return labels
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a library logger for the block (our own one-line error says what went wrong)."""
+    library = logging.getLogger(logger_name)
+    was_disabled, library.disabled = library.disabled, True
+    try:
+        yield
+    finally:
+        library.disabled = was_disabled
 
 
 def _model_files_from_store(tag: str) -> ModelFiles:
     from bentoml.exceptions import NotFound
 
     try:
-        model = store.latest_model(tag)
+        with _quiet("bentoml._internal.models.model"):  # it logs a corrupt model.yaml's parse error over lines
+            model = store.latest_model(tag)
     except NotFound:
         if tag in (store.MODEL_NAME, f"{store.MODEL_NAME}:latest"):
             raise EngineError(f"no '{store.MODEL_NAME}' model in the BentoML store: {HOW_TO_GET_A_MODEL}") from None
@@ -196,6 +219,11 @@ def _model_files_from_store(tag: str) -> ModelFiles:
         raise EngineError(f"{tag!r} is neither a model tag nor an .onnx path ({error})") from None
     except OSError as error:  # e.g. a mounted store the service's user cannot read
         raise EngineError(f"cannot read the BentoML store for {tag!r}: {error.strerror or error}") from None
+    except Exception as error:  # a corrupt model.yaml: YAML, attrs or BentoML errors of many types
+        raise EngineError(
+            f"store entry {tag!r} is unreadable ({one_line(error, with_type=True)}): "
+            "re-export the model or delete the entry"
+        ) from None
     metadata, where = dict(model.info.metadata), f"model {model.tag}"
     graphs = {precision: path for precision, path in store.model_files(model).items() if precision in PRECISIONS}
     if "fp32" not in graphs:

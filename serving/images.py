@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vgg.preprocessing import ImageDecodeError, ImageTooLarge, open_rgb, to_graph_input
+from vgg.errors import one_line
+from vgg.preprocessing import ImageDecodeError, ImageTooLarge, load_graph_input
 
 __all__ = ["ApiError", "SUPPORTED_FORMATS", "preprocess_upload"]
 
@@ -19,10 +20,11 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")  # MPO:
 class ApiError(Exception):
     """A request the service answers with ``status`` and a JSON ``{"error": message}``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after  # seconds, sent as Retry-After (503 answers)
 
 
 def image_format(data: bytes) -> str | None:
@@ -35,7 +37,8 @@ def image_format(data: bytes) -> str | None:
 
 
 def preprocess_upload(path: Path, *, test_scale: int, max_pixels: int) -> np.ndarray:
-    """Decode an uploaded image and make the graph's ``[Q, Q, 3]`` uint8 input (Q = ``test_scale``).
+    """Decode an uploaded image and make the graph's ``[Q, Q, 3]`` uint8 input (Q = ``test_scale``)
+    (:func:`vgg.preprocessing.load_graph_input`: a large JPEG is decoded at reduced size).
 
     Raises :class:`ApiError`: 400 not an image / empty / truncated, 413 too many pixels,
     415 an image format the API does not take.
@@ -47,10 +50,10 @@ def preprocess_upload(path: Path, *, test_scale: int, max_pixels: int) -> np.nda
     if found is not None and found not in SUPPORTED_FORMATS:
         raise ApiError(415, f"unsupported image format {found}; send JPEG, PNG, WebP, BMP, GIF or TIFF")
     try:
-        return to_graph_input(open_rgb(data, max_pixels=max_pixels), test_scale)
+        return load_graph_input(data, test_scale, max_pixels=max_pixels)
     except ImageTooLarge as error:
-        raise ApiError(413, f"image too large: {error}") from None
+        raise ApiError(413, f"image too large: {error} (VGG_MAX_PIXELS)") from None
     except ImageDecodeError as error:
         raise ApiError(400, f"not a readable image: {error}") from None
     except Exception as error:  # any other decoder failure is still the input's fault
-        raise ApiError(400, f"not a readable image: {type(error).__name__}: {str(error)[:200]}") from None
+        raise ApiError(400, f"not a readable image: {one_line(error, with_type=True)}") from None

@@ -130,8 +130,10 @@ def test_decompression_bomb_is_refused_from_the_header():
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_pillow_own_bomb_limit_is_reported_as_too_large():
     data = encode(Image.new("1", (20_000, 20_000)), "PNG")  # 400 Mpx: over Pillow's hard limit too
-    with pytest.raises(ImageTooLarge, match="exceeds limit"):
+    with pytest.raises(ImageTooLarge, match="^image is 400000000 pixels, limit is 178956970$"):
         open_rgb(data, max_pixels=None)
+    with pytest.raises(ImageTooLarge, match="^image is 400000000 pixels, limit is 50000000$"):
+        open_rgb(data)  # our limit, not Pillow's, in the message
 
 
 @pytest.mark.parametrize("size, expected", [((400, 300), (341, 256)), ((300, 400), (256, 341)), ((256, 256), (256, 256)),
