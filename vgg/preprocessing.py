@@ -189,7 +189,9 @@ def open_rgb(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
         raise ImageDecodeError(one_line(error)) from None
 
 
-def load_graph_input(source: ImageSource, test_scale: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_graph_input(
+    source: ImageSource, test_scale: int, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """The graph input ``[Q, Q, 3]`` (Q = ``test_scale``) for an image file, decoded as the
     service decodes uploads (JPEG draft reduction for Q): the one path for the service,
     export's checks and offline evaluation of a served model."""
