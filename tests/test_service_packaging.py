@@ -175,7 +175,7 @@ def test_no_model_registered_fails_with_one_line(tmp_path) -> None:
     ("variables", "words"),
     [({"VGG_MODEL": "/nonexistent/model.onnx"}, "no such ONNX file"),
      ({"VGG_MAX_BATCH_SIZE": "many"}, "VGG_MAX_BATCH_SIZE='many' is not an integer"),
-     ({"VGG_WORKERS": "0"}, "VGG_WORKERS=0 must be at least 1"),
+     ({"VGG_WORKERS": "0"}, "VGG_WORKERS=0 must be between 1 and 64"),
      ({"VGG_PRECISION": "bf16"}, "VGG_PRECISION='bf16': choose one of auto, fp32, fp16, int8")],
     ids=["missing-onnx-path", "bad-setting", "no-workers", "unknown-precision"],
 )
