@@ -495,3 +495,17 @@ def test_no_decay_bias_exempts_biases_and_batch_norm_from_weight_decay(decay_bia
         expected = before[name] * (0.95 if decayed else 1.0)
         torch.testing.assert_close(value.detach(), expected, msg=name)
     assert any("bias" in name for name in before) and any("features.1.weight" == name for name in before)
+
+
+def test_build_model_pre_initialises_from_a_trained_net_a(tmp_path):
+    """--init-from (section 3.1): D's first four convs and three FC layers come from A's checkpoint."""
+    source = vgg.build("A", num_classes=3, fc_width=16)
+    checkpoint = {"format": "vgg-checkpoint/1", "model": source.state_dict(), "classes": ["a", "b", "c"],
+                  "arch": {"cfg": "A", "batch_norm": False, "num_classes": 3, "dropout": 0.5, "fc_width": 16},
+                  "preprocess": {"mean": [0.0] * 3, "std": [1.0] * 3, "crop": 32, "test_scale": 36}}
+    save_checkpoint(checkpoint, tmp_path / "a.pt")
+    config = TrainConfig(cfg="D", fc_width=16, init_from=str(tmp_path / "a.pt"))
+    model, init = training_run.build_model(config, num_classes=3)
+    assert "first 4 convs and 3 FC layers" in init
+    assert torch.equal(model.features[0].weight, source.features[0].weight)
+    assert torch.equal(model.classifier[-1].weight, source.classifier[-1].weight)

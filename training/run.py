@@ -373,9 +373,9 @@ def build_model(config: TrainConfig, *, num_classes: int,
     model = vgg.build(config.cfg, num_classes=num_classes, batch_norm=config.batch_norm,
                       dropout=config.dropout, init=init, fc_width=config.fc_width)
     if config.init_from is not None:
-        source = vgg.checkpoint.model_from_checkpoint(load_checkpoint(config.init_from))
+        shallower = vgg.checkpoint.model_from_checkpoint(load_checkpoint(config.init_from))
         try:
-            vgg.init_from_shallower(model, source)
+            vgg.init_from_shallower(model, shallower)
         except ValueError as error:
             raise UsageError(f"--init-from {config.init_from}: {error}") from None
         init = f"{init} + first 4 convs and 3 FC layers from {config.init_from}"
