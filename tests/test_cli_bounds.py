@@ -19,7 +19,7 @@ from tests.export_helpers import peaky_model, write_checkpoint
 from training import data as datasets
 from training import run as training_run
 from training.config import TrainConfig
-from training.run import UsageError, validate
+from training.config import UsageError, validate
 from tests.training_helpers import write_folder
 from vgg import store
 from vgg.preprocessing import MAX_SCALE, MIN_CROP
@@ -28,8 +28,8 @@ from vgg.preprocessing import MAX_SCALE, MIN_CROP
 
 
 @pytest.mark.parametrize(("change", "flag"), [
-    ({"eval_scale": 100_000}, "--test-scale"),
-    ({"eval_scale": MAX_SCALE + 1}, "--test-scale"),
+    ({"test_scale_override": 100_000}, "--test-scale"),
+    ({"test_scale_override": MAX_SCALE + 1}, "--test-scale"),
     ({"scale": (40, 100_000)}, "S <="),
     ({"scale": (100_000,), "crop": 224}, "S <="),
     ({"scale": (MAX_SCALE + 1,)}, "S <="),
@@ -46,7 +46,7 @@ def test_geometry_bounds_are_enforced(change, flag):
 
 def test_geometry_at_the_bounds_is_accepted():
     validate(dataclasses.replace(TrainConfig(data="x"), scale=(MIN_CROP, MAX_SCALE), crop=MIN_CROP,
-                                 eval_scale=MAX_SCALE), world_size=1)
+                                 test_scale_override=MAX_SCALE), world_size=1)
 
 
 FLOAT_FIELDS = ("dropout", "momentum", "weight_decay", "lr", "lr_factor", "pca_std", "val_split")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 import vgg
 from tests.training_helpers import ddp_rank_with_unreadable_batch, tiny_net, write_folder
+from training.history import METRIC_COLUMNS
 from training.run import cli
 from vgg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
@@ -155,11 +157,15 @@ def test_run_writes_checkpoints_metrics_plot_and_resumes_bit_identically_after_s
     done = train([*args, "--out", str(straight)], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert {p.name for p in straight.iterdir()} >= {"last.pt", "best.pt", "config.json", "metrics.csv", "curves.png"}
-    rows = (straight / "metrics.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("epoch,lr,train_loss") and len(rows) == 3
-    assert all(0 <= row["dense_top1_err"] <= 1 for row in load_checkpoint(straight / "last.pt")["history"])
+    rows = list(csv.DictReader((straight / "metrics.csv").open()))
     best, last = load_checkpoint(straight / "best.pt"), load_checkpoint(straight / "last.pt")
-    assert last["epoch"] == 2 and best["metrics"]["val_top1"] == max(1 - r["five_top1_err"] for r in last["history"])
+    # One unit, accuracy, from evaluation to the CSV and the checkpoint.
+    assert list(rows[0]) == list(METRIC_COLUMNS) and len(rows) == 2
+    for row, saved in zip(rows, last["history"], strict=True):
+        assert all(float(row[key]) == pytest.approx(saved[key]) for key in METRIC_COLUMNS)
+        assert all(0 <= saved[key] <= 1 for key in METRIC_COLUMNS if "top" in key)
+    assert last["epoch"] == 2 and best["metrics"]["val_top1"] == max(r["five_top1"] for r in last["history"])
+    assert last["metrics"]["center_top5"] == last["history"][-1]["center_top5"]
     assert "init: paper" in done.stderr  # A from scratch: the paper's N(0, 1e-2)
 
     killed = tmp_path / "killed"

@@ -21,19 +21,13 @@ from training.config import TrainConfig
 from training.demo import CLASSES, make_image
 from training.engine import evaluate
 from training.lr import PlateauState, plateau_step
-from training.run import (
-    Runtime,
-    UsageError,
-    checkpoint_dict,
-    config_from_args,
-    get_args_parser,
-    make_loaders,
-    resolve_device,
-    resumed_config,
-    rng_state,
-    set_rng_state,
-    validate,
-)
+from training import distributed
+from training.config import UsageError, validate
+from training.distributed import Runtime, resolve_device
+from training.loaders import make_loaders
+from training.resume import resumed_config
+from training.rng import rng_state, set_rng_state
+from training.run import config_from_args, get_args_parser, training_checkpoint
 from training.transforms import (
     EvalPreset,
     PCALighting,
@@ -66,7 +60,7 @@ def test_test_scale_flag_overrides_the_papers_q():
     assert not demo and config.test_scale == 64 and config.scale_range == (64, 128)
     validate(config, world_size=1)
     with pytest.raises(UsageError, match="--crop <= --test-scale Q"):
-        validate(dataclasses.replace(config, eval_scale=48), world_size=1)
+        validate(dataclasses.replace(config, test_scale_override=48), world_size=1)
 
 
 @pytest.mark.parametrize(
@@ -340,11 +334,11 @@ def test_checkpoint_round_trip_with_resume_state(tmp_path):
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
     stats = Stats(mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0], pca_eigval=[3.0, 2.0, 1.0], pca_eigvec=np.eye(3).tolist())
-    history = [{"epoch": 1, "lr": 0.01, "train_loss": 1.0, "train_top1_err": 0.5, "center_top1_err": 0.4,
-                "center_top5_err": 0.0, "five_top1_err": 0.3, "five_top5_err": 0.0, "seconds": 1.0}]
+    history = [{"epoch": 1, "lr": 0.01, "train_loss": 1.0, "train_top1": 0.5, "center_top1": 0.6,
+                "center_top5": 1.0, "five_top1": 0.7, "five_top5": 1.0, "seconds": 1.0}]
     random.seed(5)
     np.random.seed(5)
-    checkpoint = checkpoint_dict(config=config, model=model, optimizer=optimizer, rule=PlateauState(lr=0.01),
+    checkpoint = training_checkpoint(config=config, model=model, optimizer=optimizer, rule=PlateauState(lr=0.01),
                                  epoch=1, classes=["x", "y", "z"], stats=stats, history=history, init="paper")
     expected_draws = (random.random(), np.random.rand(), torch.rand(1))
     save_checkpoint(checkpoint, tmp_path / "last.pt")
@@ -426,12 +420,12 @@ def test_process_group_timeout_outlasts_rank_0_evaluation(monkeypatch):
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(training_run.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(training_run.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
-    runtime = training_run.setup_runtime("cpu")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    runtime = distributed.setup_runtime("cpu")
     assert runtime.rank == 1 and runtime.distributed
-    assert calls == [{"backend": "gloo", "timeout": training_run.PROCESS_GROUP_TIMEOUT}]
-    assert training_run.PROCESS_GROUP_TIMEOUT.total_seconds() >= 3600
+    assert calls == [{"backend": "gloo", "timeout": distributed.PROCESS_GROUP_TIMEOUT}]
+    assert distributed.PROCESS_GROUP_TIMEOUT.total_seconds() >= 3600
 
 
 def test_diverging_run_is_one_line_and_exit_1(monkeypatch, capsys):
@@ -509,3 +503,12 @@ def test_build_model_pre_initialises_from_a_trained_net_a(tmp_path):
     assert "first 4 convs and 3 FC layers" in init
     assert torch.equal(model.features[0].weight, source.features[0].weight)
     assert torch.equal(model.classifier[-1].weight, source.classifier[-1].weight)
+
+
+def test_runs_saved_with_errors_resume_with_accuracies():
+    from training.history import upgrade_row
+
+    legacy = {"epoch": 3, "lr": 0.01, "train_loss": 0.5, "train_top1_err": 0.25, "five_top1_err": 0.1, "seconds": 2.0}
+    assert upgrade_row(legacy) == {"epoch": 3, "lr": 0.01, "train_loss": 0.5, "train_top1": 0.75,
+                                   "five_top1": pytest.approx(0.9), "seconds": 2.0}
+    assert upgrade_row(upgrade_row(legacy)) == upgrade_row(legacy)

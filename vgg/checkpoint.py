@@ -9,9 +9,12 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts), loadable
     classes      class names, index order
     preprocess   {"mean": [r, g, b], "std": [r, g, b], "pca_eigval": [3], "pca_eigvec": [[3]x3],
                   "crop": 224, "test_scale": 256}   (pixel units, 0..255)
-    metrics      {"epoch": int, "val_top1": float, "val_top5": float, ...} (accuracies, 0..1)
+    metrics      {"epoch": int, "val_top1": float, "val_top5": float, "center_top1": float,
+                  "center_top5": float, "train_loss": float}   (accuracies, 0..1; val = FiveCrop)
     config       the resolved training configuration (a converted state dict: where it came from)
-    optimizer, lr_rule, epoch, rng   resume state (training only)
+    optimizer, lr_rule, epoch, rng, history   resume state (training only)
+
+:func:`build_checkpoint` assembles one; :func:`save_checkpoint` writes it atomically.
 
 Plain VGG state dicts in torchvision's layout (``features.N.weight``, ``classifier.N.weight``,
 with or without BatchNorm keys; ``torch.save`` files or ``.safetensors``) become checkpoints
@@ -27,6 +30,7 @@ import pickle
 import re
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,8 @@ from vgg.model import CONFIG_NAMES, FC_WIDTH, VGG, build
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "RESUME_KEYS",
+    "build_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "model_from_checkpoint",
@@ -52,10 +58,47 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "vgg-checkpoint/1"
 REQUIRED_KEYS = ("format", "arch", "model", "classes", "preprocess")
+ARCH_KEYS = ("cfg", "batch_norm", "num_classes", "dropout", "fc_width")
+PREPROCESS_KEYS = ("mean", "std", "pca_eigval", "pca_eigvec", "crop", "test_scale")
+METRIC_KEYS = ("epoch", "val_top1", "val_top5", "center_top1", "center_top5", "train_loss")
+RESUME_KEYS = ("config", "optimizer", "lr_rule", "epoch", "rng", "history")
 
 
 class CheckpointError(ValueError):
     """A file that is missing, truncated, foreign or unsafe to load as a checkpoint."""
+
+
+def build_checkpoint(
+    model: torch.nn.Module,
+    *,
+    arch: Mapping[str, Any],
+    classes: Sequence[str],
+    preprocess: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    resume: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A checkpoint of the schema above: ``model``'s weights (detached, contiguous, on the CPU)
+    and the given parts. ``resume`` holds the training-only state (optimizer, lr_rule, epoch,
+    rng, history). Raises ``ValueError`` when a part lacks one of the schema's keys."""
+    for part, value, keys in (("arch", arch, ARCH_KEYS), ("preprocess", preprocess, PREPROCESS_KEYS),
+                              ("metrics", metrics, METRIC_KEYS)):
+        missing = [key for key in keys if key not in value]
+        if missing:
+            raise ValueError(f"checkpoint {part} lacks {', '.join(missing)}")
+    if int(arch["num_classes"]) != len(classes):
+        raise ValueError(f"{len(classes)} class names for num_classes {arch['num_classes']}")
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": dict(arch),
+        "model": {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()},
+        "classes": [str(name) for name in classes],
+        "preprocess": dict(preprocess),
+        "metrics": dict(metrics),
+    }
+    if config is not None:
+        checkpoint["config"] = dict(config)
+    return {**checkpoint, **(resume or {})}
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
