@@ -4,7 +4,7 @@
 # VGG-A initialised with Glorot (the paper's N(0, 1e-2) stays at chance within a short budget:
 # RESULTS.md, CPU protocol), bf16 autocast and channels_last
 # (training.run does both on CUDA), then the same table as the CPU protocol, plus the
-# training throughput (in the table) and ONNX Runtime CUDA serving throughput (bench/engine.py).
+# training throughput (in the table) and ONNX Runtime CUDA serving throughput (bench/inference.py).
 #
 # Data: a stated subset of Imagenette, small enough to copy to a GPU machine with the code: the first $PER_CLASS (default 380) images of each of the 10 classes,
 # about 45 MiB, copied (not linked) into .data/imagenette-gpu by `bash bench/reproduce_gpu.sh
@@ -45,5 +45,5 @@ mkdir -p "$OUT"
 start=$(date +%s)
 "$PY" bench/reproduce.py --data "$SUBSET" --out "$OUT" --geometry paper --amp --init-a "${INIT_A:-glorot}" \
   --epochs-a "${EPOCHS_A:-10}" --epochs-d "${EPOCHS_D:-8}" --workers "${WORKERS:-12}" --eval-batch 64
-"$PY" bench/engine.py --batch 32 --iters 10 --no-int8 2>&1 | tee "$OUT/engine.txt"
+"$PY" bench/inference.py --batch 32 --iters 10 --no-int8 2>&1 | tee "$OUT/engine.txt"
 echo "GPU protocol wall time: $(( $(date +%s) - start )) s"

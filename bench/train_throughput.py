@@ -1,4 +1,4 @@
-"""Training throughput: our loop (training.engine.train_one_epoch on vgg.build) vs a plain
+"""Training throughput: our loop (training.epoch.train_one_epoch on vgg.build) vs a plain
 reference loop (torchvision vgg16, SGD, fp32, eager), same batch and input size, same run.
 
     python bench/train_throughput.py                    # small CPU setting, a couple of minutes
@@ -32,7 +32,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import vgg  # noqa: E402
-from training.engine import train_one_epoch  # noqa: E402
+from training.epoch import train_one_epoch  # noqa: E402
 
 
 def synthetic_batches(*, steps: int, batch: int, size: int, classes: int, device: torch.device):

@@ -156,7 +156,7 @@ def test_service_on_the_gpu_answers_like_the_cpu_engine(checkpoint, graphs, real
 
 
 def test_bf16_channels_last_training_steps_lower_the_loss(device):
-    from training.engine import train_one_epoch
+    from training.epoch import train_one_epoch
 
     torch.manual_seed(0)
     model = vgg.build("A", num_classes=4, fc_width=64, dropout=0.0, init="kaiming").to(device)

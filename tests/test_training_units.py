@@ -19,7 +19,7 @@ from training import data as datasets
 from training import run as training_run
 from training.config import TrainConfig
 from training.demo import CLASSES, make_image
-from training.engine import evaluate
+from training.epoch import evaluate
 from training.lr import PlateauState, plateau_step
 from training import distributed
 from training.config import UsageError, validate
@@ -358,7 +358,7 @@ def test_checkpoint_round_trip_with_resume_state(tmp_path):
 
 
 def test_dense_evaluation_averages_softmax_over_scales_and_flips():
-    from training.engine import dense_probabilities, evaluate_dense
+    from training.epoch import dense_probabilities, evaluate_dense
     from training.transforms import DensePreset
 
     torch.manual_seed(0)
@@ -471,7 +471,7 @@ def test_worker_augmentations_depend_only_on_seed_and_epoch(tmp_path):
 
 @pytest.mark.parametrize("decay_bias", [True, False])
 def test_no_decay_bias_exempts_biases_and_batch_norm_from_weight_decay(decay_bias):
-    from training.engine import make_optimizer
+    from training.epoch import make_optimizer
 
     args = get_args_parser().parse_args(["--cfg", "A", "--batch-norm", *([] if decay_bias else ["--no-decay-bias"])])
     config, _ = config_from_args(args)

@@ -43,7 +43,7 @@ def ddp_rank_with_unreadable_batch(rank: int, init_file: str, out_dir: str) -> N
     was all unreadable (``None``). Saves the final weights to ``out_dir/rank<r>.pt``."""
     import torch.distributed as dist
 
-    from training.engine import train_one_epoch
+    from training.epoch import train_one_epoch
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=30))

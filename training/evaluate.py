@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training import data as datasets
-from training.engine import network_fn, progress_bar, topk_correct
+from training.epoch import network_fn, progress_bar, topk_correct
 from training.run import UsageError, resolve_device
 from vgg import protocols
 from vgg.checkpoint import CheckpointError, load_any, model_from_checkpoint, read_labels

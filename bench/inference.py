@@ -16,7 +16,7 @@ It prints images/s, the target ratios (fp32 ORT / PyTorch, int8 / fp32) and the
 achieved GFLOP/s against an estimate of the machine's peak. VGG-D costs 15.47 GMAC per
 224x224 crop (paper Table 2's D, counted in ``MACS_PER_CROP``), 5 crops per image.
 
-Usage: ``python bench/engine.py --batch 8 --iters 3`` (a few minutes on 2 cores);
+Usage: ``python bench/inference.py --batch 8 --iters 3`` (a few minutes on 2 cores);
 ``--cfg A --crop 64`` for a quick smoke run.
 """
 
