@@ -81,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageNet-style folder with train/ (default: shared imagenette)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "reproduce", help="where runs, logs and results go")
     p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="quarter", help="image sizes (default: the paper's / 4)")
-    # Budget of the CPU protocol (about 40 minutes on 2 cores); the paper trained for 74 epochs.
+    # Epochs of the CPU protocol (about an hour on a 2-core Xeon, RESULTS.md); the paper trained for 74.
     p.add_argument("--epochs-a", type=int, default=4, help="epochs of step 1 (VGG-A)")
     p.add_argument("--init-a", choices=("paper", "glorot", "kaiming"), default="paper",
                    help="initialisation of step 1 (default: the paper's N(0, 1e-2))")
