@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         env = {**os.environ, "VGG_MODEL": str(model.onnx_path), "PYTHONPATH": str(REPO_ROOT)}
         print(
-            f"model {model.tag} ({model.scale}x{model.scale}); {platform.processor() or platform.machine()}, "
+            f"model {model.tag} ({model.test_scale}x{model.test_scale}); {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs"
         )
         port = free_port()
