@@ -384,7 +384,7 @@ def main(args: argparse.Namespace) -> int:
             "run": best_d["name"],
             "top1_err": round(1 - float(np.mean(np.array(served) == labels)), 4),
             "offline_top1_err": round(1 - float(np.mean(np.array(offline) == labels)), 4),
-            "disagreements": int(sum(a != b for a, b in zip(served, offline))),
+            "disagreements": int(sum(a != b for a, b in zip(served, offline, strict=True))),
         },
         "machine": machine(),
         "wall_s": round(time.perf_counter() - start, 1),

@@ -190,7 +190,7 @@ def test_c_has_1x1_convs_as_last_conv_of_blocks_3_to_5():
     model = small("C")
     positions = conv_positions(model)
     last_in_block = {}
-    for (block, index), features_index in positions:
+    for (block, _index), features_index in positions:
         last_in_block[block] = features_index
     one_by_one = [(block, m.out_channels) for (block, _), i in positions if (m := model.features[i]).kernel_size == (1, 1)]
     assert one_by_one == [(3, 256), (4, 512), (5, 512)]
@@ -227,7 +227,7 @@ def test_pre_init_copies_exactly_the_named_tensors(cfg):
     # A's first four convs are features.0, .3, .6, .8 (conv, relu, pool, conv, relu, pool, conv, relu, conv).
     source_layers = ["features.0", "features.3", "features.6", "features.8", "classifier.0", "classifier.3", "classifier.6"]
     source_state, after = source.state_dict(), target.state_dict()
-    for target_layer, source_layer in zip(layers, source_layers):
+    for target_layer, source_layer in zip(layers, source_layers, strict=True):
         for p in ("weight", "bias"):
             assert torch.equal(after[f"{target_layer}.{p}"], source_state[f"{source_layer}.{p}"])
     for key, value in after.items():

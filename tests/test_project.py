@@ -68,7 +68,7 @@ def test_every_pin_has_a_wheel_for_python_311_and_312(package_index):
     find, asked of the index pages: the torch and onnxruntime-gpu wheels are hundreds of MB each."""
     pinned = pins()
     with ThreadPoolExecutor(max_workers=len(pinned)) as pool:
-        files = dict(zip(pinned, pool.map(_wheel_files, pinned)))
+        files = dict(zip(pinned, pool.map(_wheel_files, pinned), strict=True))
     missing = []
     for python in PYTHON_VERSIONS:
         supported = _supported_tags(python)

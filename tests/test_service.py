@@ -174,7 +174,7 @@ def test_model_endpoint_says_what_is_served(server, exported) -> None:
 def test_real_images_equal_direct_onnx_runtime(server, exported, imagenette_train) -> None:
     files = sorted(imagenette_train.rglob("*.JPEG"))[::997][:8]
     expected = exported["session"].run(None, {"images": load_graph_inputs(files, test_scale=exported["test_scale"])})[0]
-    for path, probs in zip(files, expected):
+    for path, probs in zip(files, expected, strict=True):
         response = classify(server, path.read_bytes(), name=path.name)
         assert response.status_code == 200, response.text
         assert_answer_matches(response.json(), probs)
@@ -280,7 +280,7 @@ def test_classify_batch_keeps_order(server, exported) -> None:
     assert response.status_code == 200, response.text
     answers = response.json()
     assert len(answers) == len(images)
-    for answer, image in zip(answers, images):
+    for answer, image in zip(answers, images, strict=True):
         assert_answer_matches(answer, direct_probs(exported, to_graph_input(image, exported["test_scale"])))
 
 
@@ -319,7 +319,7 @@ def test_64_concurrent_requests_are_fused_into_fewer_onnx_runtime_calls(server, 
             )
 
     responses = asyncio.run(send_all())
-    for response, image in zip(responses, images):
+    for response, image in zip(responses, images, strict=True):
         assert response.status_code == 200, response.text
         assert_answer_matches(response.json(), direct_probs(exported, to_graph_input(image, exported["test_scale"])))
     calls = metric(server, "vgg_inference_calls_total") - calls_before
@@ -336,7 +336,7 @@ def test_the_images_of_one_batch_request_are_one_onnx_runtime_call(server, expor
     response = server["client"].post("/classify_batch", files=files, data={"top_k": "10"})
     assert response.status_code == 200, response.text
     assert metric(server, "vgg_inference_calls_total") - calls_before == 1
-    for answer, image in zip(response.json(), images):
+    for answer, image in zip(response.json(), images, strict=True):
         assert_answer_matches(answer, direct_probs(exported, to_graph_input(image, exported["test_scale"])))
 
 

@@ -344,7 +344,7 @@ def test_checkpoint_round_trip_with_resume_state(tmp_path):
     save_checkpoint(checkpoint, tmp_path / "last.pt")
     loaded = load_checkpoint(tmp_path / "last.pt")  # weights_only=True inside
     rebuilt = model_from_checkpoint(loaded)
-    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values(), strict=True))
     assert loaded["preprocess"]["crop"] == 32 and loaded["preprocess"]["test_scale"] == 38
     assert loaded["preprocess"]["mean"] == [1.0, 2.0, 3.0] and loaded["metrics"]["val_top1"] == pytest.approx(0.7)
     assert loaded["config"]["scale"] == [36, 40] and TrainConfig.from_dict(loaded["config"]) == config
@@ -373,7 +373,7 @@ def test_dense_evaluation_averages_softmax_over_scales_and_flips():
     torch.testing.assert_close(dense_probabilities(dense, [images[0]], device=cpu, amp=False)[0], expected[0])
     torch.testing.assert_close(dense_probabilities(dense, scales, device=cpu, amp=False)[0], by_scale)
     labels = expected.argsort(dim=1, descending=True)[:, [0, 0, 1, 4, 5, 9]].diagonal().tolist()  # ranks 1,1,2,5,6,10
-    batch = [([image], label) for image, label in zip(images, labels)]
+    batch = [([image], label) for image, label in zip(images, labels, strict=True)]
     result = evaluate_dense(model, [batch], crop=32, device=torch.device("cpu"), amp=False)
     assert result == pytest.approx({"dense_top1": 2 / 6, "dense_top5": 4 / 6})
     views = DensePreset(scales=[32, 40], stats=stats_identity())(coordinate_image(64, 32))

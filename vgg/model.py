@@ -10,14 +10,14 @@ weights load with ``strict=True`` into configurations A, B, D and E.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import nn
 
 __all__ = ["VGG", "cfgs", "build", "parse_token", "CONFIG_NAMES", "Init"]
 
-Token = Union[int, str]
+Token = int | str
 Init = Literal["paper", "glorot", "kaiming"]
 
 # Tokens of the configuration data (paper, Table 1):

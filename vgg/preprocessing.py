@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -81,7 +81,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # to_graph_input resizes the whole image up to this aspect ratio, only the central box beyond.
 MAX_ASPECT_FOR_FULL_RESIZE = 4
 
-ImageSource = Union[bytes, str, Path, BinaryIO]
+ImageSource = bytes | str | Path | BinaryIO
 
 
 class ImageDecodeError(ValueError):
