@@ -14,7 +14,7 @@ FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu22.04
 ARG DEBIAN_FRONTEND=noninteractive
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# Ubuntu 22.04's own Python 3.11 (the project's version); apt versions follow the base image.
+# Ubuntu 22.04's own Python 3.11 (the project supports 3.11 and 3.12); apt versions follow the base image.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
