@@ -14,7 +14,8 @@ import vgg
 from tests.training_helpers import write_folder
 from training import finetune
 from training.config import TrainConfig
-from training.run import build_model, cli
+from training.run import cli
+from training.setup import build_model
 from vgg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from vgg.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 

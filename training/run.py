@@ -13,7 +13,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,16 @@ import vgg
 from training import data as datasets
 from training import finetune
 from training.config import TrainConfig, UsageError, validate
-from training.demo import DEMO_OVERRIDES, demo_data_dir, ensure_demo_data
+from training.demo import DEMO_OVERRIDES, demo_data_dir
 from training.distributed import Runtime, broadcast_float, setup_runtime
 from training.epoch import evaluate, evaluate_dense, make_optimizer, train_one_epoch
 from training.history import SELECTION_KEY, epoch_line, plot_history, write_metrics
 from training.loaders import Loaders, make_loaders
 from training.lr import PlateauState, plateau_step
-from training.resume import check_resume_state, restore, resumed_config, saved_stats
-from training.rng import gather_rng_states, rng_state, seed_everything
-from training.transforms import Stats, pixel_stats
+from training.resume import check_resume_state, resumed_config, saved_stats
+from training.rng import gather_rng_states, rng_state
+from training.setup import Training, compute_stats, resolve_data, start_training
+from training.transforms import Stats
 from vgg.checkpoint import CheckpointError, build_checkpoint, load_checkpoint, save_checkpoint
 from vgg.errors import OneLineArgumentParser
 
@@ -136,43 +136,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     return dataclasses.replace(base, **given), demo
 
 
-def resolve_data(config: TrainConfig) -> TrainConfig:
-    """Materialise the demo set or a download as a folder; ``config.data`` points at it."""
-    if config.data is not None:
-        return dataclasses.replace(config, data=str(Path(config.data).resolve()))
-    if config.dataset is not None:
-        return dataclasses.replace(config, data=str(datasets.download_dataset(config.dataset)))
-    return dataclasses.replace(config, data=str(ensure_demo_data()))
-
-
-def compute_stats(config: TrainConfig, train: list[datasets.Sample]) -> Stats:
-    images = datasets.sample_images(train, count=config.stats_images, scale=config.test_scale, seed=config.seed)
-    return pixel_stats(images, seed=config.seed)
-
-
-def build_model(config: TrainConfig, *, num_classes: int,
-                source: finetune.Source | None = None) -> tuple[nn.Module, str]:
-    init = config.resolved_init()
-    model = vgg.build(config.cfg, num_classes=num_classes, batch_norm=config.batch_norm,
-                      dropout=config.dropout, init=init, fc_width=config.fc_width)
-    if config.init_from is not None:
-        shallower = vgg.checkpoint.model_from_checkpoint(load_checkpoint(config.init_from))
-        try:
-            vgg.init_from_shallower(model, shallower)
-        except ValueError as error:
-            raise UsageError(f"--init-from {config.init_from}: {error}") from None
-        init = f"{init} + first 4 convs and 3 FC layers from {config.init_from}"
-    if source is not None:
-        copied, fresh = finetune.copy_weights(model, source)
-        init = f"fine-tuned from {source.path}: {len(copied)} tensors copied; {init} for {', '.join(fresh) or 'none'}"
-    if config.freeze_features:
-        finetune.freeze_features(model)
-    return model, init
-
-
-# ----------------------------------------------------------------------------- run directory
-
-
 def training_checkpoint(*, config: TrainConfig, model: nn.Module, optimizer, rule: PlateauState, epoch: int,
                         classes: list[str], stats: Stats, history: list[dict[str, Any]], init: str,
                         rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -200,27 +163,6 @@ def default_out(cfg: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-@dataclass
-class Training:
-    """What the epoch loop works on."""
-
-    config: TrainConfig
-    runtime: Runtime
-    model: nn.Module  # the bare model: evaluated and saved
-    train_model: nn.Module  # the model, or its DistributedDataParallel wrapper
-    optimizer: torch.optim.Optimizer
-    rule: PlateauState
-    history: list[dict[str, Any]]
-    init: str
-    classes: list[str]
-    stats: Stats
-    out: Path
-
-    @property
-    def channels_last(self) -> bool:
-        return self.runtime.device.type == "cuda"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -283,26 +225,6 @@ def load_config(
     validate(config, world_size=runtime.world_size)
     out = Path(config.out) if config.out else default_out(config.cfg)
     return dataclasses.replace(config, out=str(out)), demo, resume_state, source
-
-
-def start_training(config: TrainConfig, runtime: Runtime, splits: datasets.Splits, stats: Stats,
-                   resume_state: dict[str, Any] | None, source: finetune.Source | None) -> tuple[Training, int]:
-    """The model (resumed from ``resume_state`` if given), its optimizer and LR rule; and the first epoch to run."""
-    seed_everything(config.seed + runtime.rank)
-    model, init = build_model(config, num_classes=len(splits.classes), source=source)
-    model.to(runtime.device)
-    if runtime.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config)  # only the parameters that train (requires_grad)
-    rule, start_epoch, history = PlateauState(lr=config.lr), 1, []
-    if resume_state is not None:
-        rule, start_epoch, history, init = restore(resume_state, model=model, optimizer=optimizer, init=init,
-                                                   path=Path(config.out) / "last.pt", rank=runtime.rank)
-    train_model = nn.parallel.DistributedDataParallel(model) if runtime.distributed else model
-    training = Training(config=config, runtime=runtime, model=model, train_model=train_model, optimizer=optimizer,
-                        rule=rule, history=history, init=init, classes=splits.classes, stats=stats,
-                        out=Path(config.out))
-    return training, start_epoch
 
 
 def run_epochs(training: Training, loaders: Loaders, start_epoch: int) -> float:
