@@ -217,7 +217,7 @@ def step_engine_speed(ctx: Context) -> StepResult:
         else ["--cfg", "D", "--batch", "32", "--iters", "10", "--no-cpu"]
     )
     command = python(
-        "bench/engine.py", *size, "--no-int8", "--save-dir", str(ctx.out / "model"), "--json", str(figures)
+        "bench/inference.py", *size, "--no-int8", "--save-dir", str(ctx.out / "model"), "--json", str(figures)
     )
     return run(
         ctx,
