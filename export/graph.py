@@ -24,7 +24,8 @@ outside it (the service only decodes and resizes, with :func:`vgg.preprocessing.
 from __future__ import annotations
 
 import copy
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn

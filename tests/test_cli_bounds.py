@@ -16,11 +16,10 @@ import torch
 
 from export.__main__ import main as export_main
 from tests.export_helpers import peaky_model, write_checkpoint
+from tests.training_helpers import write_folder
 from training import data as datasets
 from training import run as training_run
-from training.config import TrainConfig
-from training.config import UsageError, validate
-from tests.training_helpers import write_folder
+from training.config import TrainConfig, UsageError, validate
 from vgg import store
 from vgg.preprocessing import MAX_SCALE, MIN_CROP
 

@@ -19,9 +19,8 @@ from export.check import random_images, run_onnx, session
 from export.graph import InferenceGraph, graph_scales
 from export.onnx_io import OPSET, read_metadata, to_onnx
 from export.reference import reference_probs
-from vgg import store
 from tests.export_helpers import CROP, MEAN, SCALE, STD, peaky_model, write_checkpoint
-from vgg import to_dense
+from vgg import store, to_dense
 
 pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
 

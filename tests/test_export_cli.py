@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vgg import store
 from export.__main__ import main
 from tests.export_helpers import peaky_model, write_checkpoint
+from vgg import store
 
 pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
 

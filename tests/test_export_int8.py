@@ -9,8 +9,8 @@ from onnx import numpy_helper
 
 from export import ExportError, export_checkpoint
 from export.check import image_files, load_graph_inputs, run_onnx, session
-from vgg import store
 from tests.export_helpers import CLASS_COLOURS, SCALE, train_on_folder, write_checkpoint, write_colour_folder
+from vgg import store
 
 pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
 

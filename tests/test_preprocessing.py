@@ -15,10 +15,10 @@ from vgg.preprocessing import (
     ImageTooLarge,
     center_crop,
     center_offset,
+    default_test_scale,
     open_rgb,
     resize_shortest_side,
     shortest_side_size,
-    default_test_scale,
     to_graph_input,
 )
 

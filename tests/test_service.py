@@ -23,10 +23,10 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from export.check import load_graph_inputs
-from tests.export_helpers import peaky_model, write_checkpoint
-from serving.engine import Engine, EngineError, resolve_model, warm_up_sizes
 from bench.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
+from export.check import load_graph_inputs
+from serving.engine import Engine, EngineError, resolve_model, warm_up_sizes
+from tests.export_helpers import peaky_model, write_checkpoint
 from vgg.preprocessing import open_rgb, to_graph_input
 
 pytestmark = pytest.mark.slow
@@ -185,7 +185,7 @@ def generated_cases() -> list[tuple[str, bytes]]:
     rgb = noise_image((53, 41), seed=1, colour=(180, 90, 60))
     rgba = rgb.copy()
     rgba.putalpha(Image.linear_gradient("L").resize(rgb.size))
-    grey16 = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)).convert("I;16")
+    grey16 = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).convert("I;16")
     palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
     transparent_palette = palette.copy()
     transparent_palette.info["transparency"] = 0

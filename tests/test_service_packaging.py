@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.engine import _cuda_usable
 from bench.launch import REPO_ROOT, bentoml_serve_command, free_port
+from serving.engine import _cuda_usable
 from serving.settings import Settings, SettingsError
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"

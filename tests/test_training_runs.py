@@ -3,10 +3,10 @@ real data, and the demo's bar (paper, section 3.1 recipe)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
-import csv
 import subprocess
 import sys
 from pathlib import Path

@@ -15,16 +15,16 @@ import torch
 from PIL import Image
 
 import vgg
+from tests.training_helpers import coordinate_image, dense_probabilities_by_hand, stats_identity, write_folder
 from training import data as datasets
-from training import run as training_run
-from training.config import TrainConfig
-from training.demo import CLASSES, make_image
-from training.epoch import evaluate
-from training.lr import PlateauState, plateau_step
 from training import distributed
-from training.config import UsageError, validate
+from training import run as training_run
+from training.config import TrainConfig, UsageError, validate
+from training.demo import CLASSES, make_image
 from training.distributed import Runtime, resolve_device
+from training.epoch import evaluate
 from training.loaders import make_loaders
+from training.lr import PlateauState, plateau_step
 from training.resume import resumed_config
 from training.rng import rng_state, set_rng_state
 from training.run import config_from_args, get_args_parser, training_checkpoint
@@ -38,7 +38,6 @@ from training.transforms import (
     TrainPreset,
     pixel_stats,
 )
-from tests.training_helpers import coordinate_image, dense_probabilities_by_hand, stats_identity, write_folder
 from vgg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vgg.preprocessing import IMAGE_EXTENSIONS, to_graph_input
 
@@ -307,7 +306,7 @@ def test_image_extensions_are_the_shared_constant(tmp_path):
 def test_any_image_mode_loads_as_rgb(tmp_path, mode):
     image = make_image(0, 0).convert("L" if mode == "I;16" else mode)
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(image).astype(np.uint16) * 257))
+        image = Image.fromarray(np.asarray(image).astype(np.uint16) * 257)
     path = tmp_path / "c" / ("x.tif" if mode in ("CMYK", "I;16") else "x.png")
     path.parent.mkdir()
     image.save(path)

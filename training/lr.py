@@ -20,7 +20,7 @@ class PlateauState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PlateauState":
+    def from_dict(cls, values: dict[str, Any]) -> PlateauState:
         return cls(**values)
 
 

@@ -26,7 +26,7 @@ from training import finetune
 from training.config import TrainConfig, UsageError, validate
 from training.demo import DEMO_OVERRIDES, demo_data_dir
 from training.distributed import Runtime, broadcast_float, setup_runtime
-from training.epoch import evaluate, evaluate_dense, make_optimizer, train_one_epoch
+from training.epoch import evaluate, evaluate_dense, train_one_epoch
 from training.history import SELECTION_KEY, epoch_line, plot_history, write_metrics
 from training.loaders import Loaders, make_loaders
 from training.lr import PlateauState, plateau_step
