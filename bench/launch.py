@@ -33,7 +33,17 @@ def bentoml_serve_command(port: int) -> list[str]:
     """``python -m bentoml serve``: works wherever bentoml is importable (a venv, or a
     ``pip install --target`` folder on PYTHONPATH, which puts no ``bentoml`` script next to
     the interpreter)."""
-    return [sys.executable, "-m", "bentoml", "serve", "service:VGGClassifier", "--host", "127.0.0.1", "--port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service:VGGClassifier",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
 
 
 def _log_tail(log_path: Path, lines: int = 40) -> str:

@@ -25,7 +25,9 @@ _state: dict = {}
 async def lifespan(_: FastAPI):
     files = resolve_model(os.environ.get("VGG_MODEL"))
     _state["files"] = files
-    _state["session"] = ort.InferenceSession(str(files.onnx_path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    _state["session"] = ort.InferenceSession(
+        str(files.onnx_path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     yield
     _state.clear()
 

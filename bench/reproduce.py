@@ -77,14 +77,24 @@ class Step:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="ImageNet-style folder with train/ (default: shared imagenette)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="ImageNet-style folder with train/ (default: shared imagenette)"
+    )
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "reproduce", help="where runs, logs and results go")
-    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="quarter", help="image sizes (default: the paper's / 4)")
+    p.add_argument(
+        "--geometry", choices=sorted(GEOMETRIES), default="quarter", help="image sizes (default: the paper's / 4)"
+    )
     # Epochs of the CPU protocol (about an hour on a 2-core Xeon, RESULTS.md); the paper trained for 74.
     p.add_argument("--epochs-a", type=int, default=4, help="epochs of step 1 (VGG-A)")
-    p.add_argument("--init-a", choices=("paper", "glorot", "kaiming"), default="paper",
-                   help="initialisation of step 1 (default: the paper's N(0, 1e-2))")
+    p.add_argument(
+        "--init-a",
+        choices=("paper", "glorot", "kaiming"),
+        default="paper",
+        help="initialisation of step 1 (default: the paper's N(0, 1e-2))",
+    )
     p.add_argument("--epochs-d", type=int, default=2, help="epochs of steps 2 and 3 (each VGG-D)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (default on)")
     p.add_argument("--batch-size", type=int, default=256, help="the paper's 256")
@@ -94,8 +104,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers for training")
     p.add_argument("--eval-batch", type=int, default=32, help="images per evaluation batch")
-    p.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(DEFAULT_PROTOCOLS),
-                   help=f"test protocols of step 4 (default: {' '.join(DEFAULT_PROTOCOLS)}; five is always run)")
+    p.add_argument(
+        "--protocols",
+        nargs="+",
+        choices=PROTOCOLS,
+        default=list(DEFAULT_PROTOCOLS),
+        help=f"test protocols of step 4 (default: {' '.join(DEFAULT_PROTOCOLS)}; five is always run)",
+    )
     p.add_argument("--http-batch", type=int, default=16, help="images per /classify_batch request")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -135,11 +150,21 @@ def test_scale(geometry: dict) -> int:
 
 def step_config(step: Step, *, data: Path, args: argparse.Namespace) -> dict:
     """Everything that decides what a step trains; a recorded step is reused only if it matches."""
-    return {"cfg": step.cfg, "flags": list(step.flags), "epochs": step.epochs, "data": str(data),
-            "geometry": {key: list(value) if isinstance(value, tuple) else value
-                         for key, value in GEOMETRIES[args.geometry].items()},
-            "batch_size": args.batch_size, "fc_width": args.fc_width, "amp": args.amp, "seed": args.seed,
-            "classes": args.classes, "per_class": args.per_class}
+    return {
+        "cfg": step.cfg,
+        "flags": list(step.flags),
+        "epochs": step.epochs,
+        "data": str(data),
+        "geometry": {
+            key: list(value) if isinstance(value, tuple) else value for key, value in GEOMETRIES[args.geometry].items()
+        },
+        "batch_size": args.batch_size,
+        "fc_width": args.fc_width,
+        "amp": args.amp,
+        "seed": args.seed,
+        "classes": args.classes,
+        "per_class": args.per_class,
+    }
 
 
 def eval_config(args: argparse.Namespace) -> dict:
@@ -174,11 +199,32 @@ def run_training(step: Step, *, data: Path, out: Path, args: argparse.Namespace)
     geometry = GEOMETRIES[args.geometry]
     run_dir = out / step.name
     command = [
-        sys.executable, "-m", "training.run", "--cfg", step.cfg, "--data", str(data), "--out", str(run_dir),
-        "--epochs", str(step.epochs), "--scale", *map(str, geometry["scale"]), "--crop", str(geometry["crop"]),
-        "--batch-size", str(args.batch_size),
-        "--fc-width", str(args.fc_width), "--seed", str(args.seed), "--device", args.device,
-        "--amp" if args.amp else "--no-amp", "--no-export", *step.flags,
+        sys.executable,
+        "-m",
+        "training.run",
+        "--cfg",
+        step.cfg,
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir),
+        "--epochs",
+        str(step.epochs),
+        "--scale",
+        *map(str, geometry["scale"]),
+        "--crop",
+        str(geometry["crop"]),
+        "--batch-size",
+        str(args.batch_size),
+        "--fc-width",
+        str(args.fc_width),
+        "--seed",
+        str(args.seed),
+        "--device",
+        args.device,
+        "--amp" if args.amp else "--no-amp",
+        "--no-export",
+        *step.flags,
     ]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
@@ -225,8 +271,9 @@ def strict_fp32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def evaluate_checkpoint(path: str, val: list[Sample], *, protocols: list[str], batch: int, amp: bool,
-                        device: torch.device) -> tuple[dict, list[int]]:
+def evaluate_checkpoint(
+    path: str, val: list[Sample], *, protocols: list[str], batch: int, amp: bool, device: torch.device
+) -> tuple[dict, list[int]]:
     """Top-1/top-5 errors of each protocol (``python -m training.evaluate``'s implementation:
     the checkpoint's Q for center/five/ten, section 4.2's three Q for the others) and the fp32
     FiveCrop predictions, which the service must reproduce. With ``amp`` the protocols run
@@ -241,8 +288,11 @@ def evaluate_checkpoint(path: str, val: list[Sample], *, protocols: list[str], b
             result = evaluation.protocol_posteriors(model, val, protocol, None, settings, cache)
             errors[protocol] = [round(value, 4) for value in evaluation.errors(result, labels)]
             errors[f"{protocol}_scales"] = result.scales
-        fp32 = cache["five"] if not amp and "five" in cache else evaluation.protocol_posteriors(
-            model, val, "five", None, dataclasses.replace(settings, amp=False))
+        fp32 = (
+            cache["five"]
+            if not amp and "five" in cache
+            else evaluation.protocol_posteriors(model, val, "five", None, dataclasses.replace(settings, amp=False))
+        )
     if len(fp32.indices) != len(val):
         unreadable = len(val) - len(fp32.indices)
         raise SystemExit(f"{unreadable} held-out images are unreadable; the served comparison needs all")
@@ -287,39 +337,50 @@ def machine() -> str:
     return f"{cpu}; {device}; torch {torch.__version__}"
 
 
-PROTOCOL_TITLES = {"center": "centre", "five": "FiveCrop", "ten": "TenCrop", "grid50": "grid50", "dense": "dense",
-                   "dense+grid50": "dense+grid50"}
+PROTOCOL_TITLES = {
+    "center": "centre",
+    "five": "FiveCrop",
+    "ten": "TenCrop",
+    "grid50": "grid50",
+    "dense": "dense",
+    "dense+grid50": "dense+grid50",
+}
 
 
 def markdown(results: dict) -> str:
     protocols = [name for name in PROTOCOLS if name in results["protocols"]]
     rows = [
         "| run | init | epochs | wall | train img/s | "
-        + " | ".join(PROTOCOL_TITLES[name] for name in protocols) + " |",
+        + " | ".join(PROTOCOL_TITLES[name] for name in protocols)
+        + " |",
         "|---|---|---|---|---|" + "---|" * len(protocols),
     ]
     for run in results["runs"]:
         e = run["errors"]
         cells = [f"{100 * e[k][0]:.1f} / {100 * e[k][1]:.1f}" for k in protocols]
         init = "pre-init from A" if run["init_from"] else run["init"]
-        rows.append(f"| VGG-{run['cfg']} ({run['name']}) | {init} | {run['epochs']} | {run['wall_s'] / 60:.1f} min "
-                    f"| {run['train_images_per_s']:.0f} | " + " | ".join(cells) + " |")
+        rows.append(
+            f"| VGG-{run['cfg']} ({run['name']}) | {init} | {run['epochs']} | {run['wall_s'] / 60:.1f} min "
+            f"| {run['train_images_per_s']:.0f} | " + " | ".join(cells) + " |"
+        )
     served = results["served"]
     scales = results["runs"][0]["errors"]
     multi = next((scales[f"{name}_scales"] for name in ("dense", "grid50") if f"{name}_scales" in scales), None)
-    return "\n".join([
-        f"Top-1 / top-5 validation error (%), {results['val_images']} held-out images, "
-        f"Q = {results['test_scale']}{f', multi-scale Q {multi}' if multi else ''}"
-        f"{', bf16 autocast' if results['amp'] else ''}.",
-        "",
-        *rows,
-        "",
-        f"Served ({served['model']}, FiveCrop graph over HTTP): top-1 error {100 * served['top1_err']:.2f} % "
-        f"vs offline FiveCrop {100 * served['offline_top1_err']:.2f} %; "
-        f"{served['disagreements']} of {results['val_images']} predictions differ.",
-        "",
-        f"Machine: {results['machine']}. Total wall time {results['wall_s'] / 60:.1f} min.",
-    ])
+    return "\n".join(
+        [
+            f"Top-1 / top-5 validation error (%), {results['val_images']} held-out images, "
+            f"Q = {results['test_scale']}{f', multi-scale Q {multi}' if multi else ''}"
+            f"{', bf16 autocast' if results['amp'] else ''}.",
+            "",
+            *rows,
+            "",
+            f"Served ({served['model']}, FiveCrop graph over HTTP): top-1 error {100 * served['top1_err']:.2f} % "
+            f"vs offline FiveCrop {100 * served['offline_top1_err']:.2f} %; "
+            f"{served['disagreements']} of {results['val_images']} predictions differ.",
+            "",
+            f"Machine: {results['machine']}. Total wall time {results['wall_s'] / 60:.1f} min.",
+        ]
+    )
 
 
 def make_data(args: argparse.Namespace, out: Path) -> Path:
@@ -346,8 +407,12 @@ def main(args: argparse.Namespace) -> int:
     steps = [
         Step(f"A-{args.init_a}", "A", ("--init", args.init_a), args.epochs_a),
         # The layers not copied from A get A's initialisation (the paper: its N(0, 1e-2)).
-        Step("D-preinit", "D", ("--init-from", str(out / f"A-{args.init_a}" / "best.pt"), "--init", args.init_a),
-             args.epochs_d),
+        Step(
+            "D-preinit",
+            "D",
+            ("--init-from", str(out / f"A-{args.init_a}" / "best.pt"), "--init", args.init_a),
+            args.epochs_d,
+        ),
         Step("D-glorot", "D", ("--init", "glorot"), args.epochs_d),
     ]
     classes, val = held_out(data, seed=args.seed)
@@ -358,7 +423,8 @@ def main(args: argparse.Namespace) -> int:
         run = run_training(step, data=data, out=out, args=args)
         if "errors" not in run or run.get("eval_config") != eval_config(args):
             run["errors"], run["five_predictions"] = evaluate_checkpoint(
-                run["checkpoint"], val, protocols=protocols, batch=args.eval_batch, amp=args.amp, device=eval_device)
+                run["checkpoint"], val, protocols=protocols, batch=args.eval_batch, amp=args.amp, device=eval_device
+            )
             run["eval_config"] = eval_config(args)
             (out / f"{step.name}.json").write_text(json.dumps(run, indent=2) + "\n")
         log.info("%s: %s", step.name, run["errors"])
@@ -367,7 +433,8 @@ def main(args: argparse.Namespace) -> int:
     best_d = min((r for r in runs if r["cfg"] == "D"), key=lambda r: r["errors"]["five"][0])
     if "five_predictions" not in best_d:  # a reused record from before predictions were kept
         _, best_d["five_predictions"] = evaluate_checkpoint(
-            best_d["checkpoint"], val, protocols=["five"], batch=args.eval_batch, amp=args.amp, device=eval_device)
+            best_d["checkpoint"], val, protocols=["five"], batch=args.eval_batch, amp=args.amp, device=eval_device
+        )
     served, tag = classify_over_http(best_d["checkpoint"], val, workdir=out, batch=args.http_batch)
     labels = [label for _, label in val]
     offline = best_d["five_predictions"]

@@ -67,7 +67,9 @@ def random_images(count: int, *, test_scale: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(count, test_scale, test_scale, 3), dtype=np.uint8)
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, *, providers: Sequence[str] | None = None) -> ort.InferenceSession:
+def session(
+    model: onnx.ModelProto | str | os.PathLike, *, providers: Sequence[str] | None = None
+) -> ort.InferenceSession:
     """An ONNX Runtime session; the CPU provider unless ``providers`` says otherwise."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(source, providers=list(providers or ["CPUExecutionProvider"]))

@@ -103,7 +103,9 @@ def _load_source(
         mean, std = [float(v) for v in preprocess["mean"]], [float(v) for v in preprocess["std"]]
         crop = _whole_number(preprocess["crop"], "crop")
         stored_scale = preprocess.get("test_scale")
-        saved_test_scale = default_test_scale(crop) if stored_scale is None else _whole_number(stored_scale, "test_scale")
+        saved_test_scale = (
+            default_test_scale(crop) if stored_scale is None else _whole_number(stored_scale, "test_scale")
+        )
         classes = [str(name) for name in checkpoint["classes"]]
     except CheckpointError as error:
         raise ExportError(str(error)) from None
@@ -124,8 +126,17 @@ def _load_source(
         _check_scale(q, crop=crop, where="--test-scales")
     config = checkpoint.get("config") or {}
     data = config.get("data") if isinstance(config, dict) else None
-    return _Source(checkpoint, model, mean, std, crop, scales[-1], _sha256(checkpoint_path),
-                   check.training_folder(data), test_scales=scales)
+    return _Source(
+        checkpoint,
+        model,
+        mean,
+        std,
+        crop,
+        scales[-1],
+        _sha256(checkpoint_path),
+        check.training_folder(data),
+        test_scales=scales,
+    )
 
 
 def _whole_number(value: Any, name: str) -> int:
@@ -139,24 +150,47 @@ def _check_scale(test_scale: int, *, crop: int, where: str) -> None:
         raise ExportError(f"{where} is {test_scale}; a test scale must be between the crop {crop} and {MAX_SCALE}")
 
 
-def _check_source(path: Path, checkpoint: dict[str, Any], model: Any, *, mean: list[float], std: list[float],
-                  crop: int, classes: list[str]) -> None:
+def _check_source(
+    path: Path,
+    checkpoint: dict[str, Any],
+    model: Any,
+    *,
+    mean: list[float],
+    std: list[float],
+    crop: int,
+    classes: list[str],
+) -> None:
     """Refuse, in one line, a checkpoint whose export would fail late or be refused by the server."""
     if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
-        raise ExportError(f"{path}: preprocess mean/std must be 3 finite values each, std positive; got {mean} and {std}")
+        raise ExportError(
+            f"{path}: preprocess mean/std must be 3 finite values each, std positive; got {mean} and {std}"
+        )
     if not MIN_CROP <= crop <= MAX_SCALE:
         raise ExportError(f"{path}: preprocess crop is {crop}, must be between {MIN_CROP} and {MAX_SCALE}")
     outputs = int(checkpoint["arch"]["num_classes"])
     if len(classes) != outputs:
-        raise ExportError(f"{path}: {len(classes)} class names for a {outputs}-output classifier; "
-                          "the checkpoint is inconsistent")
+        raise ExportError(
+            f"{path}: {len(classes)} class names for a {outputs}-output classifier; the checkpoint is inconsistent"
+        )
     if len(set(classes)) != len(classes):  # ImageNet-1k's own names repeat "crane" and "maillot"
-        logger.info("%s: %d class names, %d distinct; answers name classes by index too", path.name,
-                    len(classes), len(set(classes)))
-    bad = next((name for name, tensor in model.state_dict().items()
-                if tensor.is_floating_point() and not bool(tensor.isfinite().all())), None)
+        logger.info(
+            "%s: %d class names, %d distinct; answers name classes by index too",
+            path.name,
+            len(classes),
+            len(set(classes)),
+        )
+    bad = next(
+        (
+            name
+            for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all())
+        ),
+        None,
+    )
     if bad is not None:
-        raise ExportError(f"{path}: weight {bad} holds NaN or infinite values (a diverged run?); export an earlier checkpoint")
+        raise ExportError(
+            f"{path}: weight {bad} holds NaN or infinite values (a diverged run?); export an earlier checkpoint"
+        )
 
 
 def _metadata(source: _Source, *, tta: str) -> dict[str, Any]:
@@ -197,8 +231,14 @@ def _check_inputs(source: _Source, check_images: Sequence[os.PathLike | str] | n
 
 def _export_graph(source: _Source, *, tta: str, half: bool) -> onnx.ModelProto:
     graph = InferenceGraph(
-        source.model, mean=source.mean, std=source.std, crop=source.crop, test_scale=source.test_scale, tta=tta,
-        half=half, test_scales=source.test_scales,
+        source.model,
+        mean=source.mean,
+        std=source.std,
+        crop=source.crop,
+        test_scale=source.test_scale,
+        tta=tta,
+        half=half,
+        test_scales=source.test_scales,
     )
     exporter_chatter = io.StringIO()
     try:
@@ -220,8 +260,15 @@ def _write(model: onnx.ModelProto, path: Path, metadata: dict[str, Any], *, prec
 
 def _check_fp32(path: Path, source: _Source, images: np.ndarray, *, tta: str) -> tuple[float, np.ndarray]:
     probs = check.run_onnx(check.session(path), images)
-    reference = reference_probs(source.model, images, mean=source.mean, std=source.std, crop=source.crop, tta=tta,
-                                test_scales=source.test_scales)
+    reference = reference_probs(
+        source.model,
+        images,
+        mean=source.mean,
+        std=source.std,
+        crop=source.crop,
+        tta=tta,
+        test_scales=source.test_scales,
+    )
     max_diff = float(np.abs(probs - reference).max())
     if not max_diff <= FP32_TOLERANCE:  # also catches NaN
         raise ExportError(
@@ -282,8 +329,13 @@ def _int8_images(source: _Source, calibration: Path | None, *, calibration_count
 
 
 def _make_int8(
-    fp32_path: Path, out_path: Path, *, calibration_images: np.ndarray, agreement_images: np.ndarray,
-    min_agreement: float, metadata: dict[str, Any],
+    fp32_path: Path,
+    out_path: Path,
+    *,
+    calibration_images: np.ndarray,
+    agreement_images: np.ndarray,
+    min_agreement: float,
+    metadata: dict[str, Any],
 ) -> dict[str, Any]:
     from export.quantize import quantize_int8  # onnxruntime.quantization is slow to import
 
@@ -295,12 +347,17 @@ def _make_int8(
     fp32 = check.run_onnx(check.session(fp32_path), agreement_images)
     int8 = check.run_onnx(check.session(out_path), agreement_images)
     agreement = check.top1_agreement(int8, fp32)
-    message = f"int8 top-1 agreement with fp32: {agreement:.2%} on {len(agreement_images)} images not used for calibration"
+    message = (
+        f"int8 top-1 agreement with fp32: {agreement:.2%} on {len(agreement_images)} images not used for calibration"
+    )
     logger.info(message)
     if agreement < min_agreement:
         raise ExportError(f"{message}, below the required {min_agreement:.0%}")
-    return {"int8_top1_agreement": agreement, "int8_agreement_images": len(agreement_images),
-            "int8_calibration_images": len(calibration_images)}
+    return {
+        "int8_top1_agreement": agreement,
+        "int8_agreement_images": len(agreement_images),
+        "int8_calibration_images": len(calibration_images),
+    }
 
 
 def _stage_out(model_file: Path, out: str | os.PathLike | None) -> Path | None:
@@ -331,8 +388,13 @@ def _check_out(out: str | os.PathLike | None) -> None:
 
 
 def _publish(
-    entry_files: dict[str, Path], requested: Path, *, out: str | os.PathLike | None, register: bool,
-    metadata: dict[str, Any], labels: dict[str, str],
+    entry_files: dict[str, Path],
+    requested: Path,
+    *,
+    out: str | os.PathLike | None,
+    register: bool,
+    metadata: dict[str, Any],
+    labels: dict[str, str],
 ) -> tuple[str | None, dict[str, Path]]:
     """Register ``entry_files`` as one store entry and/or write ``requested`` to ``out``, all or nothing.
 
@@ -417,8 +479,10 @@ def export_checkpoint(
     if precision == "int8":  # find (and decode) the images first: fail before the slow part
         try:
             calibration_images, agreement_images = _int8_images(
-                source, Path(calibration) if calibration else None,
-                calibration_count=calibration_count, agreement_count=agreement_count,
+                source,
+                Path(calibration) if calibration else None,
+                calibration_count=calibration_count,
+                agreement_count=agreement_count,
             )
         except ExportError as error:
             precision, precisions, skipped = _skip_int8(error, optional=int8_optional)
@@ -436,8 +500,12 @@ def export_checkpoint(
         elif precision == "int8":
             try:
                 checks |= _make_int8(
-                    files["fp32"], files["int8"], calibration_images=calibration_images,
-                    agreement_images=agreement_images, min_agreement=min_agreement, metadata=onnx_metadata,
+                    files["fp32"],
+                    files["int8"],
+                    calibration_images=calibration_images,
+                    agreement_images=agreement_images,
+                    min_agreement=min_agreement,
+                    metadata=onnx_metadata,
                 )
             except ExportError as error:
                 precision, precisions, skipped = _skip_int8(error, optional=int8_optional)
@@ -447,9 +515,17 @@ def export_checkpoint(
         classes_file.write_text(json.dumps(classes), encoding="utf-8")
         store_metadata = {**metadata, "precisions": precisions}
         entry_files = {**{path.name: path for path in files.values()}, store.CLASSES_FILE: classes_file}
-        tag, paths = _publish(entry_files, files[precision], out=out, register=register, metadata=store_metadata,
-                              labels={"cfg": metadata["cfg"], "tta": tta, "precisions": ",".join(precisions)})
+        tag, paths = _publish(
+            entry_files,
+            files[precision],
+            out=out,
+            register=register,
+            metadata=store_metadata,
+            labels={"cfg": metadata["cfg"], "tta": tta, "precisions": ",".join(precisions)},
+        )
     onnx_path = Path(out) if out is not None else paths[precision]
     paths = paths or {precision: onnx_path}
-    logger.info("exported %s (%s, tta=%s) -> %s", Path(checkpoint_path).name, "+".join(precisions), tta, tag or onnx_path)
+    logger.info(
+        "exported %s (%s, tta=%s) -> %s", Path(checkpoint_path).name, "+".join(precisions), tta, tag or onnx_path
+    )
     return ExportResult(tag=tag, onnx_path=onnx_path, metadata=store_metadata, paths=paths, checks=checks)

@@ -106,8 +106,7 @@ def read_metadata(model: onnx.ModelProto | str | os.PathLike) -> dict[str, Any]:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     return {
-        prop.key: prop.value if prop.key in STRING_KEYS else json.loads(prop.value)
-        for prop in model.metadata_props
+        prop.key: prop.value if prop.key in STRING_KEYS else json.loads(prop.value) for prop in model.metadata_props
     }
 
 

@@ -33,12 +33,23 @@ def write_checkpoint(
     """Save ``model`` as a training checkpoint with a realistic ``preprocess``."""
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
-        "arch": {"cfg": "A", "batch_norm": any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()),
-                 "num_classes": len(classes), "dropout": 0.5, "fc_width": model.classifier[0].out_features},
+        "arch": {
+            "cfg": "A",
+            "batch_norm": any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()),
+            "num_classes": len(classes),
+            "dropout": 0.5,
+            "fc_width": model.classifier[0].out_features,
+        },
         "model": model.state_dict(),
         "classes": classes,
-        "preprocess": {"mean": mean, "std": std, "pca_eigval": [1.0, 0.5, 0.1],
-                       "pca_eigvec": np.eye(3).tolist(), "crop": CROP, "test_scale": SCALE},
+        "preprocess": {
+            "mean": mean,
+            "std": std,
+            "pca_eigval": [1.0, 0.5, 0.1],
+            "pca_eigvec": np.eye(3).tolist(),
+            "crop": CROP,
+            "test_scale": SCALE,
+        },
         "metrics": {"epoch": 1, "val_top1": val_top1, "val_top5": 1.0},
         "config": {"data": str(data) if data else None, "cfg": "A"},
     }

@@ -26,16 +26,19 @@ from vgg.preprocessing import MAX_SCALE, MIN_CROP
 # ---------------------------------------------------------------- training: flags
 
 
-@pytest.mark.parametrize(("change", "flag"), [
-    ({"test_scale_override": 100_000}, "--test-scale"),
-    ({"test_scale_override": MAX_SCALE + 1}, "--test-scale"),
-    ({"scale": (40, 100_000)}, "S <="),
-    ({"scale": (100_000,), "crop": 224}, "S <="),
-    ({"scale": (MAX_SCALE + 1,)}, "S <="),
-    ({"crop": -5}, "--crop"),
-    ({"crop": MIN_CROP - 1, "scale": (64,)}, "--crop"),
-    ({"fc_width": 10**7}, "--fc-width"),
-])
+@pytest.mark.parametrize(
+    ("change", "flag"),
+    [
+        ({"test_scale_override": 100_000}, "--test-scale"),
+        ({"test_scale_override": MAX_SCALE + 1}, "--test-scale"),
+        ({"scale": (40, 100_000)}, "S <="),
+        ({"scale": (100_000,), "crop": 224}, "S <="),
+        ({"scale": (MAX_SCALE + 1,)}, "S <="),
+        ({"crop": -5}, "--crop"),
+        ({"crop": MIN_CROP - 1, "scale": (64,)}, "--crop"),
+        ({"fc_width": 10**7}, "--fc-width"),
+    ],
+)
 def test_geometry_bounds_are_enforced(change, flag):
     config = dataclasses.replace(TrainConfig(data="x"), **change)
     with pytest.raises(UsageError, match=flag) as error:
@@ -44,8 +47,12 @@ def test_geometry_bounds_are_enforced(change, flag):
 
 
 def test_geometry_at_the_bounds_is_accepted():
-    validate(dataclasses.replace(TrainConfig(data="x"), scale=(MIN_CROP, MAX_SCALE), crop=MIN_CROP,
-                                 test_scale_override=MAX_SCALE), world_size=1)
+    validate(
+        dataclasses.replace(
+            TrainConfig(data="x"), scale=(MIN_CROP, MAX_SCALE), crop=MIN_CROP, test_scale_override=MAX_SCALE
+        ),
+        world_size=1,
+    )
 
 
 FLOAT_FIELDS = ("dropout", "momentum", "weight_decay", "lr", "lr_factor", "pca_std", "val_split")
@@ -65,13 +72,23 @@ def test_float_fields_list_covers_every_float_flag():
     assert floats == set(FLOAT_FIELDS)
 
 
-@pytest.mark.parametrize("argv", [
-    ["--momentum", "nan"], ["--weight-decay", "inf"], ["--pca-std", "nan"], ["--lr=-inf"],
-    ["--test-scale", "100000"], ["--scale", "40", "100000"], ["--crop=-3"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--momentum", "nan"],
+        ["--weight-decay", "inf"],
+        ["--pca-std", "nan"],
+        ["--lr=-inf"],
+        ["--test-scale", "100000"],
+        ["--scale", "40", "100000"],
+        ["--crop=-3"],
+    ],
+)
 def test_cli_refuses_in_one_line_with_exit_2(tmp_path, capsys, argv):
     write_folder(tmp_path / "data" / "train", {"a": 2, "b": 2})
-    code = training_run.cli(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--device", "cpu", *argv])
+    code = training_run.cli(
+        ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--device", "cpu", *argv]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err, err
     assert not (tmp_path / "run").exists()
@@ -131,8 +148,25 @@ def test_all_unreadable_folder_is_one_line_exit_2(tmp_path, capsys, junk):
         folder.mkdir(parents=True)
         for index in range(3):
             (folder / f"{index}.png").write_bytes(junk)
-    code = training_run.cli(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--device", "cpu",
-                             "--cfg", "A", "--scale", "40", "--crop", "32", "--epochs", "1", "--no-export"])
+    code = training_run.cli(
+        [
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            "--cfg",
+            "A",
+            "--scale",
+            "40",
+            "--crop",
+            "32",
+            "--epochs",
+            "1",
+            "--no-export",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert err.startswith("error: ") and "\n" not in err and "can be read" in err, err
@@ -155,12 +189,14 @@ def _set(*keys, value):
         for key in keys[:-1]:
             target = target[key]
         target[keys[-1]] = value
+
     return edit
 
 
 def _poison(name: str, value: float):
     def edit(checkpoint):
         checkpoint["model"][name].view(-1)[0] = value
+
     return edit
 
 
@@ -206,7 +242,10 @@ def test_unsafe_pickle_refusal_gives_no_advice_to_load_it_unsafely(tmp_path, cap
             return (os.system, (f"touch {tmp_path / 'pwned'}",))
 
     torch.save({"format": "vgg-checkpoint/1", "payload": RunsCode()}, tmp_path / "evil.pt")
-    assert export_main(["--checkpoint", str(tmp_path / "evil.pt"), "--no-register", "--out", str(tmp_path / "o.onnx")]) == 2
+    assert (
+        export_main(["--checkpoint", str(tmp_path / "evil.pt"), "--no-register", "--out", str(tmp_path / "o.onnx")])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "refused to load" in err and "could run code" in err and "\n" not in err
     assert "weights_only" not in err and "Re-running" not in err

@@ -109,4 +109,6 @@ def test_export_errors_with_empty_messages(monkeypatch):
     monkeypatch.setattr(core, "to_onnx", raise_silent)
     monkeypatch.setattr(core, "InferenceGraph", lambda *a, **k: None)
     with pytest.raises(core.ExportError, match=r"torch.onnx export failed: Silent$"):
-        core._export_graph(SimpleNamespace(model=None, mean=None, std=None, crop=1, test_scale=1), tta="five", half=False)
+        core._export_graph(
+            SimpleNamespace(model=None, mean=None, std=None, crop=1, test_scale=1), tta="five", half=False
+        )

@@ -40,8 +40,15 @@ def sessions(model):
     def get(tta: str, scale: int, batch_norm_model=None, test_scales=None):
         key = (tta, scale, batch_norm_model is not None, tuple(test_scales or ()))
         if key not in cache:
-            graph = InferenceGraph(batch_norm_model or model, mean=MEAN, std=STD, crop=CROP, test_scale=scale, tta=tta,
-                                   test_scales=test_scales)
+            graph = InferenceGraph(
+                batch_norm_model or model,
+                mean=MEAN,
+                std=STD,
+                crop=CROP,
+                test_scale=scale,
+                tta=tta,
+                test_scales=test_scales,
+            )
             proto = to_onnx(graph)
             onnx.checker.check_model(proto, full_check=True)
             cache[key] = session(proto)
@@ -56,15 +63,23 @@ def torchvision_probs(model, images: np.ndarray, *, tta: str, test_scales=None) 
     the image and its flip) on each test scale, resized with ``F.interpolate`` (antialiased
     bilinear); softmax per view, mean over views and scales."""
     network = to_dense(model, crop=CROP).eval() if tta == "dense" else model.eval()
-    crops = {"five": v2.FiveCrop(CROP), "ten": v2.TenCrop(CROP), "center": lambda x: [v2.CenterCrop(CROP)(x)],
-             "dense": lambda x: [x, v2.functional.horizontal_flip(x)]}[tta]
+    crops = {
+        "five": v2.FiveCrop(CROP),
+        "ten": v2.TenCrop(CROP),
+        "center": lambda x: [v2.CenterCrop(CROP)(x)],
+        "dense": lambda x: [x, v2.functional.horizontal_flip(x)],
+    }[tta]
     normalise = v2.Normalize(mean=MEAN, std=STD)
     results = []
     for image in images:
         chw = normalise(torch.from_numpy(image.copy()).permute(2, 0, 1).float())
         per_scale = []
         for q in test_scales or [image.shape[0]]:
-            resized = chw if q == image.shape[0] else F.interpolate(chw[None], size=(q, q), mode="bilinear", antialias=True)[0]
+            resized = (
+                chw
+                if q == image.shape[0]
+                else F.interpolate(chw[None], size=(q, q), mode="bilinear", antialias=True)[0]
+            )
             views = torch.stack(list(crops(resized)))
             per_scale.append(torch.softmax(network(views).double(), dim=1).mean(dim=0))
         results.append(torch.stack(per_scale).mean(dim=0))
@@ -83,7 +98,9 @@ def test_graph_scales_and_bad_geometry():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("tta", "scale"), [("five", SCALE), ("ten", SCALE), ("center", SCALE), ("dense", SCALE), ("dense", 64)])
+@pytest.mark.parametrize(
+    ("tta", "scale"), [("five", SCALE), ("ten", SCALE), ("center", SCALE), ("dense", SCALE), ("dense", 64)]
+)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_graph_matches_torchvision_reference(sessions, model, tta, scale, batch):
     images = random_images(batch, test_scale=scale, seed=batch)
@@ -149,8 +166,17 @@ def test_export_registers_self_describing_model(tmp_path, model, bentoml_home):
     out = tmp_path / "plain" / "vgg.onnx"
     result = export_checkpoint(checkpoint, tta="center", out=out)
 
-    expected = {"cfg": "A", "batch_norm": False, "num_classes": 5, "test_scale": SCALE, "crop": CROP, "mean": MEAN,
-                "std": STD, "tta": "center", "val_top1": 0.42}
+    expected = {
+        "cfg": "A",
+        "batch_norm": False,
+        "num_classes": 5,
+        "test_scale": SCALE,
+        "crop": CROP,
+        "mean": MEAN,
+        "std": STD,
+        "tta": "center",
+        "val_top1": 0.42,
+    }
     sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     props = read_metadata(out)
     assert props == {**expected, "labels": CLASSES, "precision": "fp32", "checkpoint_sha256": sha}
@@ -212,12 +238,15 @@ def test_failed_check_registers_nothing(tmp_path, model, monkeypatch):
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"tta": "twelve"}, "unknown tta"),
-    ({"precision": "int4"}, "unknown precision"),
-    ({"register": False}, "nothing to do"),
-    ({"test_scale": 16}, "must be between the crop"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tta": "twelve"}, "unknown tta"),
+        ({"precision": "int4"}, "unknown precision"),
+        ({"register": False}, "nothing to do"),
+        ({"test_scale": 16}, "must be between the crop"),
+    ],
+)
 def test_bad_arguments_raise_export_error(tmp_path, model, kwargs, message):
     checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
     with pytest.raises(ExportError, match=message):
@@ -225,10 +254,13 @@ def test_bad_arguments_raise_export_error(tmp_path, model, kwargs, message):
     assert not store.has_model()
 
 
-@pytest.mark.parametrize(("make_out", "message"), [
-    (lambda tmp_path: tmp_path, "is a directory"),
-    (lambda tmp_path: tmp_path / "best.pt" / "vgg.onnx", "best.pt is not a directory"),
-])
+@pytest.mark.parametrize(
+    ("make_out", "message"),
+    [
+        (lambda tmp_path: tmp_path, "is a directory"),
+        (lambda tmp_path: tmp_path / "best.pt" / "vgg.onnx", "best.pt is not a directory"),
+    ],
+)
 def test_unwritable_out_is_refused_before_any_work(tmp_path, model, monkeypatch, make_out, message):
     checkpoint = write_checkpoint(tmp_path / "best.pt", model, classes=CLASSES)
     monkeypatch.setattr("export.core._load_source", lambda *a, **k: pytest.fail("worked before checking out"))

@@ -96,7 +96,11 @@ def test_code_pickle_refused_by_the_real_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, "-m", "export", "--checkpoint", str(path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "refused to load" in result.stderr
@@ -104,12 +108,15 @@ def test_code_pickle_refused_by_the_real_cli(tmp_path):
     assert not store.has_model()
 
 
-@pytest.mark.parametrize(("arguments", "reason"), [
-    (["--tta", "twelve"], "argument --tta: invalid choice"),
-    (["--calibration-images", "-5"], "must be at least 1, got -5"),
-    (["--agreement-images", "10"], "must be at least 500, got 10"),
-    (["--agreement-images", "many"], "'many' is not an integer"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [
+        (["--tta", "twelve"], "argument --tta: invalid choice"),
+        (["--calibration-images", "-5"], "must be at least 1, got -5"),
+        (["--agreement-images", "10"], "must be at least 500, got 10"),
+        (["--agreement-images", "many"], "'many' is not an integer"),
+    ],
+)
 def test_bad_flags_one_line_exit_2(tmp_path, capsys, arguments, reason):
     with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", str(tmp_path / "best.pt"), *arguments])

@@ -23,8 +23,9 @@ def trained(tmp_path_factory):
     """(checkpoint, data root): VGG-A trained a few steps on three colour classes."""
     root = write_colour_folder(tmp_path_factory.mktemp("colours"), per_class=(CALIBRATION + AGREEMENT) // 3 + 4)
     model = train_on_folder(root)
-    checkpoint = write_checkpoint(tmp_path_factory.mktemp("run") / "best.pt", model,
-                                  classes=list(CLASS_COLOURS), data=root)
+    checkpoint = write_checkpoint(
+        tmp_path_factory.mktemp("run") / "best.pt", model, classes=list(CLASS_COLOURS), data=root
+    )
     return checkpoint, root
 
 
@@ -32,8 +33,7 @@ def trained(tmp_path_factory):
 def test_int8_agrees_with_fp32_and_is_registered(trained):
     checkpoint, root = trained
     # The library call: the CLI insists on at least 500 agreement images.
-    result = export_checkpoint(checkpoint, precision="int8", calibration_count=CALIBRATION,
-                               agreement_count=AGREEMENT)
+    result = export_checkpoint(checkpoint, precision="int8", calibration_count=CALIBRATION, agreement_count=AGREEMENT)
     assert result.checks["int8_top1_agreement"] == 1.0 and result.checks["int8_agreement_images"] == AGREEMENT
     assert result.checks["check_images"] == 12  # 8 real images of the training folder + 4 random ones
 
@@ -44,9 +44,13 @@ def test_int8_agrees_with_fp32_and_is_registered(trained):
     ops = [node.op_type for node in proto.graph.node]
     assert ops.count("QuantizeLinear") >= 8 and ops.count("DequantizeLinear") >= 8  # QDQ format
     initializers = {init.name: init for init in proto.graph.initializer}
-    weight_dq = [node for node in proto.graph.node if node.op_type == "DequantizeLinear"
-                 and initializers.get(node.input[0]) is not None
-                 and initializers[node.input[0]].data_type == onnx.TensorProto.INT8]
+    weight_dq = [
+        node
+        for node in proto.graph.node
+        if node.op_type == "DequantizeLinear"
+        and initializers.get(node.input[0]) is not None
+        and initializers[node.input[0]].data_type == onnx.TensorProto.INT8
+    ]
     assert weight_dq, "no int8 weights"
     for node in weight_dq:  # per-channel: one scale per output channel
         weights = numpy_helper.to_array(initializers[node.input[0]])
@@ -66,8 +70,7 @@ def test_int8_agrees_with_fp32_and_is_registered(trained):
 def test_int8_below_threshold_fails_and_registers_nothing(trained):
     checkpoint, _ = trained
     with pytest.raises(ExportError, match="below the required"):
-        export_checkpoint(checkpoint, precision="int8", calibration_count=8, agreement_count=12,
-                          min_agreement=1.01)
+        export_checkpoint(checkpoint, precision="int8", calibration_count=8, agreement_count=12, min_agreement=1.01)
     assert not store.has_model()
 
 
@@ -81,8 +84,9 @@ def test_int8_without_enough_images_fails(trained):
 @pytest.mark.slow
 def test_optional_int8_below_threshold_registers_fp32_and_says_why(trained, caplog):
     checkpoint, _ = trained
-    result = export_checkpoint(checkpoint, precision="int8", calibration_count=8, agreement_count=12,
-                               min_agreement=1.01, int8_optional=True)
+    result = export_checkpoint(
+        checkpoint, precision="int8", calibration_count=8, agreement_count=12, min_agreement=1.01, int8_optional=True
+    )
     entry = store.latest_model()
     assert str(entry.tag) == result.tag and set(store.model_files(entry)) == {"fp32"}
     assert entry.info.metadata["precisions"] == ["fp32"] and result.metadata["precisions"] == ["fp32"]

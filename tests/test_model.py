@@ -192,7 +192,9 @@ def test_c_has_1x1_convs_as_last_conv_of_blocks_3_to_5():
     last_in_block = {}
     for (block, _index), features_index in positions:
         last_in_block[block] = features_index
-    one_by_one = [(block, m.out_channels) for (block, _), i in positions if (m := model.features[i]).kernel_size == (1, 1)]
+    one_by_one = [
+        (block, m.out_channels) for (block, _), i in positions if (m := model.features[i]).kernel_size == (1, 1)
+    ]
     assert one_by_one == [(3, 256), (4, 512), (5, 512)]
     for block in (3, 4, 5):
         assert model.features[last_in_block[block]].kernel_size == (1, 1)
@@ -225,7 +227,15 @@ def test_pre_init_copies_exactly_the_named_tensors(cfg):
     expected = [f"{layer}.{p}" for layer in layers for p in ("weight", "bias")]
     assert copied == expected
     # A's first four convs are features.0, .3, .6, .8 (conv, relu, pool, conv, relu, pool, conv, relu, conv).
-    source_layers = ["features.0", "features.3", "features.6", "features.8", "classifier.0", "classifier.3", "classifier.6"]
+    source_layers = [
+        "features.0",
+        "features.3",
+        "features.6",
+        "features.8",
+        "classifier.0",
+        "classifier.3",
+        "classifier.6",
+    ]
     source_state, after = source.state_dict(), target.state_dict()
     for target_layer, source_layer in zip(layers, source_layers, strict=True):
         for p in ("weight", "bias"):

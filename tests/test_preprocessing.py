@@ -108,7 +108,9 @@ def test_truncated_image_is_refused():
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("exception", [struct.error("unpack requires a buffer of 4 bytes"), KeyError(274), ZeroDivisionError()])
+@pytest.mark.parametrize(
+    "exception", [struct.error("unpack requires a buffer of 4 bytes"), KeyError(274), ZeroDivisionError()]
+)
 def test_unexpected_decoder_exceptions_become_decode_errors(monkeypatch, exception):
     def broken_exif(image):
         raise exception
@@ -136,8 +138,16 @@ def test_pillow_own_bomb_limit_is_reported_as_too_large():
         open_rgb(data)  # our limit, not Pillow's, in the message
 
 
-@pytest.mark.parametrize("size, expected", [((400, 300), (341, 256)), ((300, 400), (256, 341)), ((256, 256), (256, 256)),
-                                           ((300, 199), (385, 256)), ((451, 300), (384, 256))])
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ((400, 300), (341, 256)),
+        ((300, 400), (256, 341)),
+        ((256, 256), (256, 256)),
+        ((300, 199), (385, 256)),
+        ((451, 300), (384, 256)),
+    ],
+)
 def test_resize_shortest_side(size, expected):
     # 300x199 -> 385.9 and 451x300 -> 384.9: truncated like torchvision's Resize, not rounded
     assert resize_shortest_side(Image.new("RGB", size), 256).size == expected

@@ -89,19 +89,24 @@ def _fake_python(folder: Path, name: str, *, new_enough: bool) -> None:
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-@pytest.mark.parametrize(("present", "expected"), [
-    ({"python3.11": True, "python3.12": True, "python3": True}, "python3.11"),
-    ({"python3.11": False, "python3.12": True, "python3": True}, "python3.12"),
-    ({"python3": True}, "python3"),
-    ({"python3.11": False, "python3": False}, None),
-], ids=["3.11-first", "3.12-when-3.11-is-too-old", "python3", "none"])
+@pytest.mark.parametrize(
+    ("present", "expected"),
+    [
+        ({"python3.11": True, "python3.12": True, "python3": True}, "python3.11"),
+        ({"python3.11": False, "python3.12": True, "python3": True}, "python3.12"),
+        ({"python3": True}, "python3"),
+        ({"python3.11": False, "python3": False}, None),
+    ],
+    ids=["3.11-first", "3.12-when-3.11-is-too-old", "python3", "none"],
+)
 def test_makefile_picks_the_first_python_that_is_311_or_newer(tmp_path, present, expected):
     for name, new_enough in present.items():
         _fake_python(tmp_path, name, new_enough=new_enough)
     env = {**os.environ, "PATH": str(tmp_path)}  # make runs /bin/sh; `command -v` is built in
     env.pop("PYTHON", None)
-    result = subprocess.run([shutil.which("make"), "-s", "python"], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [shutil.which("make"), "-s", "python"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     if expected is None:
         assert result.returncode == 2 and "no Python 3.11 or newer found" in result.stderr
     else:

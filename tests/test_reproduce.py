@@ -21,8 +21,19 @@ def test_test_scale_is_training_runs_for_jittered_s():
     assert reproduce.test_scale(reproduce.GEOMETRIES["paper"]) == 384
 
 
-@pytest.mark.parametrize("change", [{"geometry": "paper"}, {"batch_size": 32}, {"fc_width": 128}, {"data": "other"},
-                                    {"amp": False}, {"seed": 1}, {"classes": 5}, {"per_class": 7}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"geometry": "paper"},
+        {"batch_size": 32},
+        {"fc_width": 128},
+        {"data": "other"},
+        {"amp": False},
+        {"seed": 1},
+        {"classes": 5},
+        {"per_class": 7},
+    ],
+)
 def test_a_recorded_step_is_reused_only_with_the_same_configuration(tmp_path, change):
     args = reproduce.get_args_parser().parse_args(["--data", str(tmp_path)])
     step = reproduce.Step("A-paper", "A", ("--init", "paper"), 4)
@@ -44,12 +55,37 @@ def test_a_recorded_step_is_reused_only_with_the_same_configuration(tmp_path, ch
 def test_protocol_on_a_tiny_subset(imagenette_train, tmp_path):
     out = tmp_path / "reproduce"
     command = [
-        sys.executable, str(REPO_ROOT / "bench" / "reproduce.py"), "--data", str(imagenette_train.parent),
-        "--out", str(out), "--classes", "3", "--per-class", "20", "--epochs-a", "1", "--epochs-d", "1",
-        "--fc-width", "64", "--batch-size", "16", "--eval-batch", "8", "--http-batch", "4",
+        sys.executable,
+        str(REPO_ROOT / "bench" / "reproduce.py"),
+        "--data",
+        str(imagenette_train.parent),
+        "--out",
+        str(out),
+        "--classes",
+        "3",
+        "--per-class",
+        "20",
+        "--epochs-a",
+        "1",
+        "--epochs-d",
+        "1",
+        "--fc-width",
+        "64",
+        "--batch-size",
+        "16",
+        "--eval-batch",
+        "8",
+        "--http-batch",
+        "4",
     ]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "BENTOML_DO_NOT_TRACK": "True"})
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "BENTOML_DO_NOT_TRACK": "True"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     # 3 classes x 20 images, 10 % held out per class: 2 each.

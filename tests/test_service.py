@@ -57,7 +57,17 @@ def exported(tmp_path_factory) -> dict:
     checkpoint = write_checkpoint(root / "best.pt", peaky_model(num_classes=len(CLASSES)), classes=CLASSES)
     onnx_path = root / "model.onnx"
     home = root / "bentoml"
-    command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--tta", "center", "--out", str(onnx_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        "--tta",
+        "center",
+        "--out",
+        str(onnx_path),
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, env=base_env(home), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -118,8 +128,12 @@ def assert_answer_matches(answer: dict, expected: np.ndarray, *, top_k: int = 10
     assert scores == sorted(scores, reverse=True)
     assert answer["index"] == int(np.argmax(expected))
     assert answer["label"] == CLASSES[answer["index"]]
-    np.testing.assert_allclose(served_probs(answer)[[e["index"] for e in answer["top"]]],
-                               expected[[e["index"] for e in answer["top"]]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        served_probs(answer)[[e["index"] for e in answer["top"]]],
+        expected[[e["index"] for e in answer["top"]]],
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 def metric(server: dict, name: str) -> float:
@@ -142,8 +156,20 @@ def test_health_and_docs(server) -> None:
     assert "vgg_inference_calls_total" in client.get("/metrics").text
 
 
-MODEL_FIELDS = {"tag", "cfg", "batch_norm", "num_classes", "labels", "test_scale", "crop", "tta", "precision",
-                "provider", "val_top1", "workers"}
+MODEL_FIELDS = {
+    "tag",
+    "cfg",
+    "batch_norm",
+    "num_classes",
+    "labels",
+    "test_scale",
+    "crop",
+    "tta",
+    "precision",
+    "provider",
+    "val_top1",
+    "workers",
+}
 
 
 def test_model_endpoint_says_what_is_served(server, exported) -> None:
@@ -159,7 +185,9 @@ def test_model_endpoint_says_what_is_served(server, exported) -> None:
         assert info[key] == exported_metadata[key], key
     assert info["labels"] == CLASSES and info["test_scale"] == exported["test_scale"] == exported_metadata["test_scale"]
     assert info["workers"] == 1
-    answer = server["client"].post("/classify", files={"image": ("a.png", encode(noise_image((30, 30), seed=6), "PNG"))})
+    answer = server["client"].post(
+        "/classify", files={"image": ("a.png", encode(noise_image((30, 30), seed=6), "PNG"))}
+    )
     assert info["tag"] == answer.json()["model"]
     # The store entry has only fp32: served as fp32, on the CPU unless a GPU is usable.
     assert info["precision"] == "fp32"
@@ -266,7 +294,9 @@ def test_top_k(server, exported, top_k) -> None:
 
 
 def test_default_top_k_is_five_and_model_is_the_tag(server) -> None:
-    response = server["client"].post("/classify", files={"image": ("a.png", encode(noise_image((30, 30), seed=6), "PNG"))})
+    response = server["client"].post(
+        "/classify", files={"image": ("a.png", encode(noise_image((30, 30), seed=6), "PNG"))}
+    )
     assert response.status_code == 200, response.text
     answer = response.json()
     assert len(answer["top"]) == 5
@@ -376,7 +406,12 @@ BAD_UPLOADS = [
     ("text-file", b"hello, this is not an image\n", 400, "not a readable image"),
     ("empty-file", b"", 400, "empty"),
     ("truncated-jpeg", truncated_jpeg(), 400, "not a readable image"),
-    ("random-bytes", np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(), 400, "not a readable image"),
+    (
+        "random-bytes",
+        np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        400,
+        "not a readable image",
+    ),
     ("bomb-from-header", png_header_claiming(3000, 3000), 413, "9000000 pixels"),
     ("ico-format", encode(noise_image((32, 32), seed=8), "ICO"), 415, "unsupported image format"),
     ("ppm-format", encode(noise_image((32, 32), seed=8), "PPM"), 415, "unsupported image format"),
@@ -407,8 +442,12 @@ def test_bad_top_k_is_400(server, top_k) -> None:
 
 @pytest.mark.parametrize(
     ("content_type", "body"),
-    [("application/json", b'{"image": "http://example.com/cat.jpg"}'), ("text/plain", b"cat"),
-     ("image/jpeg", truncated_jpeg()), (None, b"")],
+    [
+        ("application/json", b'{"image": "http://example.com/cat.jpg"}'),
+        ("text/plain", b"cat"),
+        ("image/jpeg", truncated_jpeg()),
+        (None, b""),
+    ],
 )
 def test_unsupported_content_type_is_415(server, content_type, body) -> None:
     headers = {"content-type": content_type} if content_type else {}
@@ -426,8 +465,10 @@ def test_body_over_limit_is_413(server) -> None:
 
 def test_chunked_body_over_limit_is_413(server) -> None:
     boundary = "vggboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
 
     def chunks():  # no Content-Length: the size is only known by reading
         yield head

@@ -29,7 +29,9 @@ def project_pins() -> dict[str, str]:
 
 
 def dockerfile_pins() -> dict[str, str]:
-    return {name.lower(): version for name, version in re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', DOCKERFILE.read_text())}
+    return {
+        name.lower(): version for name, version in re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', DOCKERFILE.read_text())
+    }
 
 
 def bentofile_pins() -> dict[str, str]:
@@ -136,7 +138,9 @@ def test_runtime_pins_agree_with_pyproject(pins) -> None:
 def test_bentoml_build_makes_a_bento_that_imports_without_torch(tmp_path) -> None:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
     bentoml = Path(sys.executable).with_name("bentoml")
-    result = subprocess.run([str(bentoml), "build", "."], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(bentoml), "build", "."], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert re.search(r'Successfully built Bento\(tag="vgg:', result.stdout)
     (bento,) = (tmp_path / "home" / "bentos" / "vgg").glob("*/")
@@ -146,8 +150,9 @@ def test_bentoml_build_makes_a_bento_that_imports_without_torch(tmp_path) -> Non
     assert page_files and page_files == {p.name for p in (bento / "src" / "serving" / "static").iterdir()}
     assert not any(s.startswith("tests/") or s.startswith("training/") for s in sources)
     block_torch = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; import service; print(service.VGGClassifier)"
-    imported = subprocess.run([sys.executable, "-c", block_torch], cwd=bento / "src", env=env,
-                              capture_output=True, text=True, timeout=120)
+    imported = subprocess.run(
+        [sys.executable, "-c", block_torch], cwd=bento / "src", env=env, capture_output=True, text=True, timeout=120
+    )
     assert imported.returncode == 0, imported.stderr[-2000:]
 
 
@@ -156,8 +161,9 @@ def test_bentoml_build_makes_a_bento_that_imports_without_torch(tmp_path) -> Non
 
 def start_failure(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "empty-home"), "BENTOML_DO_NOT_TRACK": "True", **variables}
-    return subprocess.run(bentoml_serve_command(free_port()), cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        bentoml_serve_command(free_port()), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.slow
@@ -173,10 +179,12 @@ def test_no_model_registered_fails_with_one_line(tmp_path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("variables", "words"),
-    [({"VGG_MODEL": "/nonexistent/model.onnx"}, "no such ONNX file"),
-     ({"VGG_MAX_BATCH_SIZE": "many"}, "VGG_MAX_BATCH_SIZE='many' is not an integer"),
-     ({"VGG_WORKERS": "0"}, "VGG_WORKERS=0 must be between 1 and 64"),
-     ({"VGG_PRECISION": "bf16"}, "VGG_PRECISION='bf16': choose one of auto, fp32, fp16, int8")],
+    [
+        ({"VGG_MODEL": "/nonexistent/model.onnx"}, "no such ONNX file"),
+        ({"VGG_MAX_BATCH_SIZE": "many"}, "VGG_MAX_BATCH_SIZE='many' is not an integer"),
+        ({"VGG_WORKERS": "0"}, "VGG_WORKERS=0 must be between 1 and 64"),
+        ({"VGG_PRECISION": "bf16"}, "VGG_PRECISION='bf16': choose one of auto, fp32, fp16, int8"),
+    ],
     ids=["missing-onnx-path", "bad-setting", "no-workers", "unknown-precision"],
 )
 def test_bad_configuration_fails_with_one_line(tmp_path, variables, words) -> None:
@@ -219,8 +227,17 @@ def test_default_settings(monkeypatch) -> None:
     assert settings.precision == "auto" and settings.workers is None  # one worker per GPU, 1 on a CPU
 
 
-@pytest.mark.parametrize(("name", "value"), [("VGG_MAX_BODY_BYTES", "0"), ("VGG_MAX_BATCH_SIZE", "1"), ("VGG_MAX_PIXELS", "x"),
-                                             ("VGG_WORKERS", "0"), ("VGG_WORKERS", "two"), ("VGG_PRECISION", "fp64")])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("VGG_MAX_BODY_BYTES", "0"),
+        ("VGG_MAX_BATCH_SIZE", "1"),
+        ("VGG_MAX_PIXELS", "x"),
+        ("VGG_WORKERS", "0"),
+        ("VGG_WORKERS", "two"),
+        ("VGG_PRECISION", "fp64"),
+    ],
+)
 def test_invalid_settings_are_refused(monkeypatch, name, value) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=name):

@@ -22,8 +22,24 @@ from vgg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # A tiny net and geometry: VGG-A with a light head on 32x32 crops.
-TINY = ["--cfg", "A", "--fc-width", "32", "--scale", "36", "--crop", "32", "--batch-size", "16",
-        "--stats-images", "50", "--no-amp", "--workers", "0", "--no-export"]
+TINY = [
+    "--cfg",
+    "A",
+    "--fc-width",
+    "32",
+    "--scale",
+    "36",
+    "--crop",
+    "32",
+    "--batch-size",
+    "16",
+    "--stats-images",
+    "50",
+    "--no-amp",
+    "--workers",
+    "0",
+    "--no-export",
+]
 
 
 @pytest.fixture
@@ -36,13 +52,23 @@ def tiny_data(tmp_path) -> Path:
 
 
 def run_env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "VGG_CACHE": str(tmp_path / "cache"), "BENTOML_HOME": str(tmp_path / "bentoml"),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "VGG_CACHE": str(tmp_path / "cache"),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def train(args: list[str], tmp_path: Path, *, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "training.run", *args], cwd=REPO_ROOT, env=run_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "training.run", *args],
+        cwd=REPO_ROOT,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -62,10 +88,24 @@ def corrupt_file(tmp_path: Path) -> Path:
 def checkpoint_lacking(folder: Path, *, arch: dict, drop: tuple[str, ...] = (), data: Path | None = None) -> Path:
     """A checkpoint of the right format whose ``arch`` or resume state is incomplete."""
     model = vgg.build("A", num_classes=3, fc_width=32)
-    checkpoint = {"format": CHECKPOINT_FORMAT, "arch": arch, "model": model.state_dict(), "classes": ["a", "b", "c"],
-                  "preprocess": {"mean": [0.0] * 3, "std": [1.0] * 3, "pca_eigval": [0.0] * 3, "pca_eigvec": [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]},
-                  "config": {"cfg": "A", "data": str(data)}, "optimizer": {}, "lr_rule": {}, "epoch": 1, "rng": {},
-                  "history": []}
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": arch,
+        "model": model.state_dict(),
+        "classes": ["a", "b", "c"],
+        "preprocess": {
+            "mean": [0.0] * 3,
+            "std": [1.0] * 3,
+            "pca_eigval": [0.0] * 3,
+            "pca_eigvec": [[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]],
+        },
+        "config": {"cfg": "A", "data": str(data)},
+        "optimizer": {},
+        "lr_rule": {},
+        "epoch": 1,
+        "rng": {},
+        "history": [],
+    }
     path = folder / "last.pt"
     save_checkpoint({key: value for key, value in checkpoint.items() if key not in drop}, path)
     return path
@@ -74,10 +114,26 @@ def checkpoint_lacking(folder: Path, *, arch: dict, drop: tuple[str, ...] = (), 
 GOOD_ARCH = {"cfg": "A", "batch_norm": False, "num_classes": 3, "dropout": 0.5, "fc_width": 32}
 
 
-@pytest.mark.parametrize("case", ["missing_folder", "empty_class", "corrupt_init_from", "corrupt_resume",
-                                  "no_internet", "resume_without_out", "crop_above_scale", "dropout", "momentum",
-                                  "workers", "device", "out_is_a_file", "init_from_without_arch_keys",
-                                  "resume_without_optimizer", "resume_with_empty_state"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_folder",
+        "empty_class",
+        "corrupt_init_from",
+        "corrupt_resume",
+        "no_internet",
+        "resume_without_out",
+        "crop_above_scale",
+        "dropout",
+        "momentum",
+        "workers",
+        "device",
+        "out_is_a_file",
+        "init_from_without_arch_keys",
+        "resume_without_optimizer",
+        "resume_with_empty_state",
+    ],
+)
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, tiny_data, monkeypatch, capsys, case):
     monkeypatch.setenv("VGG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("urllib.request.urlopen", _no_network)
@@ -94,12 +150,22 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, tiny_data, monkeypatch
         "workers": ["--data", str(tiny_data), "--workers", "-1"],
         "device": ["--data", str(tiny_data), "--device", "foo"],
         "out_is_a_file": ["--data", str(tiny_data), "--out", str(tiny_data / "train" / "disc" / "0.png")],
-        "init_from_without_arch_keys": ["--data", str(tiny_data), "--init-from",
-                                        str(checkpoint_lacking(tmp_path / "no_arch", arch={"cfg": "A"}))],
-        "resume_without_optimizer": ["--resume", "--out", str(checkpoint_lacking(
-            tmp_path / "no_optimizer", arch=GOOD_ARCH, drop=("optimizer",)).parent)],
-        "resume_with_empty_state": ["--resume", "--out", str(checkpoint_lacking(
-            tmp_path / "empty_state", arch=GOOD_ARCH, data=tiny_data).parent)],
+        "init_from_without_arch_keys": [
+            "--data",
+            str(tiny_data),
+            "--init-from",
+            str(checkpoint_lacking(tmp_path / "no_arch", arch={"cfg": "A"})),
+        ],
+        "resume_without_optimizer": [
+            "--resume",
+            "--out",
+            str(checkpoint_lacking(tmp_path / "no_optimizer", arch=GOOD_ARCH, drop=("optimizer",)).parent),
+        ],
+        "resume_with_empty_state": [
+            "--resume",
+            "--out",
+            str(checkpoint_lacking(tmp_path / "empty_state", arch=GOOD_ARCH, data=tiny_data).parent),
+        ],
     }[case]
     if case == "empty_class":
         (tiny_data / "train" / "empty").mkdir()
@@ -107,11 +173,23 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, tiny_data, monkeypatch
     assert cli([*TINY, *out, *args]) == 2  # later flags win
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "\n" not in error and "Traceback" not in error
-    expected = {"missing_folder": "no such folder", "empty_class": "no images", "corrupt_init_from": "checkpoint",
-                "corrupt_resume": "checkpoint", "no_internet": "--data", "resume_without_out": "--out",
-                "crop_above_scale": "crop", "dropout": "--dropout", "momentum": "--momentum", "workers": "--workers",
-                "device": "--device", "out_is_a_file": "is a file", "init_from_without_arch_keys": "lacks num_classes, batch_norm",
-                "resume_without_optimizer": "lacks optimizer", "resume_with_empty_state": "cannot resume from it"}[case]
+    expected = {
+        "missing_folder": "no such folder",
+        "empty_class": "no images",
+        "corrupt_init_from": "checkpoint",
+        "corrupt_resume": "checkpoint",
+        "no_internet": "--data",
+        "resume_without_out": "--out",
+        "crop_above_scale": "crop",
+        "dropout": "--dropout",
+        "momentum": "--momentum",
+        "workers": "--workers",
+        "device": "--device",
+        "out_is_a_file": "is a file",
+        "init_from_without_arch_keys": "lacks num_classes, batch_norm",
+        "resume_without_optimizer": "lacks optimizer",
+        "resume_with_empty_state": "cannot resume from it",
+    }[case]
     assert expected in error
     if case == "no_internet":
         assert "no internet" in error
@@ -121,8 +199,14 @@ def _no_network(*args, **kwargs):
     raise OSError("[Errno 101] Network is unreachable")
 
 
-@pytest.mark.parametrize(("argv", "message"), [(["--cfg", "F"], "invalid choice: 'F'"),
-                                               (["--epochs", "two"], "invalid int value"), (["--bogus"], "unrecognized")])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cfg", "F"], "invalid choice: 'F'"),
+        (["--epochs", "two"], "invalid int value"),
+        (["--bogus"], "unrecognized"),
+    ],
+)
 def test_argparse_errors_are_one_line_and_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli(argv)
@@ -135,9 +219,13 @@ def test_argparse_errors_are_one_line_and_exit_2(capsys, argv, message):
 def test_ddp_rank_with_an_all_unreadable_batch_still_steps_with_the_others(tmp_path):
     """Rank 1's first batch is None: it joins the all-reduce with zero gradients, so neither rank
     hangs and both end with the same weights."""
-    torch.multiprocessing.spawn(ddp_rank_with_unreadable_batch, args=(str(tmp_path / "init"), str(tmp_path)),
-                                nprocs=2, join=True)
-    zero, one = torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
+    torch.multiprocessing.spawn(
+        ddp_rank_with_unreadable_batch, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    zero, one = (
+        torch.load(tmp_path / "rank0.pt", weights_only=True),
+        torch.load(tmp_path / "rank1.pt", weights_only=True),
+    )
     torch.manual_seed(0)  # both ranks' initial weights
     initial = tiny_net().state_dict()
     assert not torch.equal(zero["5.weight"], initial["5.weight"])  # the steps moved them
@@ -169,8 +257,13 @@ def test_run_writes_checkpoints_metrics_plot_and_resumes_bit_identically_after_s
     assert "init: paper" in done.stderr  # A from scratch: the paper's N(0, 1e-2)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "training.run", *args, "--out", str(killed)], cwd=REPO_ROOT,
-                               env=run_env(tmp_path), stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "training.run", *args, "--out", str(killed)],
+        cwd=REPO_ROOT,
+        env=run_env(tmp_path),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stderr:
         if "epoch 2 step 3/6" in line:
             process.send_signal(signal.SIGKILL)
@@ -184,6 +277,7 @@ def test_run_writes_checkpoints_metrics_plot_and_resumes_bit_identically_after_s
     expected, actual = weights(straight / "last.pt"), weights(killed / "last.pt")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
     def metrics_without_timing(run: Path) -> list[str]:
         return [line.rsplit(",", 1)[0] for line in (run / "metrics.csv").read_text().splitlines()]
 
@@ -196,8 +290,19 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path, tiny_data):
     args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--dropout", "0", "--no-augment", "--device", "cpu"]
     single = train([*args, "--out", str(tmp_path / "one")], tmp_path)
     assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "training.run", *args, "--out", str(tmp_path / "two")]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "training.run",
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+    ]
     double = subprocess.run(torchrun, cwd=REPO_ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "device cpu x2" in double.stderr
@@ -218,9 +323,35 @@ def test_short_run_on_imagenette_lowers_the_training_loss(tmp_path, imagenette_t
         (root / "train" / folder.name).mkdir(parents=True)
         for image in sorted(folder.iterdir())[:80]:
             (root / "train" / folder.name / image.name).symlink_to(image)
-    args = ["--cfg", "A", "--batch-norm", "--fc-width", "64", "--scale", "36", "44", "--crop", "32", "--batch-size", "16",
-            "--lr-patience", "10", "--dropout", "0", "--stats-images", "100", "--workers", "0", "--no-export", "--epochs", "5", "--data", str(root),
-            "--out", str(tmp_path / "run")]
+    args = [
+        "--cfg",
+        "A",
+        "--batch-norm",
+        "--fc-width",
+        "64",
+        "--scale",
+        "36",
+        "44",
+        "--crop",
+        "32",
+        "--batch-size",
+        "16",
+        "--lr-patience",
+        "10",
+        "--dropout",
+        "0",
+        "--stats-images",
+        "100",
+        "--workers",
+        "0",
+        "--no-export",
+        "--epochs",
+        "5",
+        "--data",
+        str(root),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     run = train(args, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
@@ -241,11 +372,23 @@ def test_demo_run_reaches_95_percent_and_registers_the_served_model(tmp_path):
     assert best["metrics"]["val_top1"] >= 0.95, best["history"]
     assert best["config"]["batch_size"] == 256 and best["config"]["lr"] == 0.01
     assert Path(best["config"]["data"], "train").is_dir()  # export's int8 calibration reads it
-    check = subprocess.run([sys.executable, "-m", "vgg.store", "--check"], cwd=REPO_ROOT,
-                           env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [sys.executable, "-m", "vgg.store", "--check"],
+        cwd=REPO_ROOT,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
-    shown = subprocess.run([sys.executable, "-m", "vgg.store"], cwd=REPO_ROOT,
-                           env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    shown = subprocess.run(
+        [sys.executable, "-m", "vgg.store"],
+        cwd=REPO_ROOT,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     metadata = json.loads(shown.stdout.split("\n", 1)[1])
     # Without a GPU the run adds the int8 graph the service serves on the CPU (after its agreement check).
     expected = ["fp32"] if torch.cuda.is_available() else ["fp32", "int8"]
@@ -262,10 +405,23 @@ def test_torchrun_resume_restores_each_ranks_own_rng(tmp_path, tiny_data):
     args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--dropout", "0", "--scale", "36", "44"]
 
     def torchrun(out: Path, *extra: str) -> None:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                   "-m", "training.run", *args, "--out", str(out), *extra]
-        done = subprocess.run(command, cwd=REPO_ROOT, env=run_env(tmp_path), capture_output=True, text=True,
-                              timeout=400)
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "training.run",
+            *args,
+            "--out",
+            str(out),
+            *extra,
+        ]
+        done = subprocess.run(
+            command, cwd=REPO_ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=400
+        )
         assert done.returncode == 0, done.stderr[-3000:]
 
     torchrun(tmp_path / "straight")

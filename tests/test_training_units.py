@@ -53,8 +53,9 @@ def test_defaults_are_the_papers_recipe():
 
 
 def test_test_scale_flag_overrides_the_papers_q():
-    args = get_args_parser().parse_args(["--cfg", "A", "--data", "x", "--scale", "64", "128", "--crop", "56",
-                                         "--test-scale", "64"])
+    args = get_args_parser().parse_args(
+        ["--cfg", "A", "--data", "x", "--scale", "64", "128", "--crop", "56", "--test-scale", "64"]
+    )
     config, demo = config_from_args(args)
     assert not demo and config.test_scale == 64 and config.scale_range == (64, 128)
     validate(config, world_size=1)
@@ -64,8 +65,13 @@ def test_test_scale_flag_overrides_the_papers_q():
 
 @pytest.mark.parametrize(
     ("cfg", "init", "init_from", "expected"),
-    [("A", None, None, "paper"), ("A-LRN", None, None, "paper"), ("D", None, None, "glorot"),
-     ("E", None, "a.pt", "paper"), ("D", "kaiming", None, "kaiming")],
+    [
+        ("A", None, None, "paper"),
+        ("A-LRN", None, None, "paper"),
+        ("D", None, None, "glorot"),
+        ("E", None, "a.pt", "paper"),
+        ("D", "kaiming", None, "kaiming"),
+    ],
 )
 def test_default_init_is_the_papers_choice(cfg, init, init_from, expected):
     assert TrainConfig(cfg=cfg, init=init, init_from=init_from).resolved_init() == expected
@@ -142,7 +148,7 @@ def test_random_crop_is_a_window_of_the_image_at_varying_positions():
         pixels = np.asarray(crop(image)).astype(int)
         x0, y0 = pixels[0, 0, 0], pixels[0, 0, 1]
         assert pixels.shape == (32, 32, 3)
-        np.testing.assert_array_equal(pixels, np.asarray(image)[y0:y0 + 32, x0:x0 + 32])
+        np.testing.assert_array_equal(pixels, np.asarray(image)[y0 : y0 + 32, x0 : x0 + 32])
         origins.add((x0, y0))
     xs, ys = {x for x, _ in origins}, {y for _, y in origins}
     assert min(xs) == 0 and max(xs) == 28 and min(ys) == 0 and max(ys) == 8
@@ -220,8 +226,15 @@ def test_evaluate_centre_metric_uses_the_centre_crop():
     squares = torch.zeros(2, 3, 6, 6)
     squares[:, 0, 1:5, 1:5] = 255.0
     squares[:, 0, 1, 1] = squares[:, 0, 4, 4] = squares[:, 0, 1, 4] = squares[:, 0, 4, 1] = 0.0
-    result = evaluate(MeanRedClassifier(), [(squares, torch.tensor([1, 1]))], crop=4, device=torch.device("cpu"),
-                      amp=False, channels_last=False, show_progress=False)
+    result = evaluate(
+        MeanRedClassifier(),
+        [(squares, torch.tensor([1, 1]))],
+        crop=4,
+        device=torch.device("cpu"),
+        amp=False,
+        channels_last=False,
+        show_progress=False,
+    )
     assert result["center_top1"] == 1.0 and result["five_top1"] == 0.0
 
 
@@ -265,9 +278,14 @@ def test_unreadable_image_is_reported_once_over_workers_and_epochs(tmp_path, cap
     write_folder(tmp_path, {"a": 3})
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
     _, samples = datasets.list_image_folder(tmp_path)
-    loader = datasets.ReportingLoader(torch.utils.data.DataLoader(
-        datasets.ImageDataset(samples, no_augment_preset()), batch_size=1, num_workers=workers,
-        collate_fn=datasets.collate_skipping))
+    loader = datasets.ReportingLoader(
+        torch.utils.data.DataLoader(
+            datasets.ImageDataset(samples, no_augment_preset()),
+            batch_size=1,
+            num_workers=workers,
+            collate_fn=datasets.collate_skipping,
+        )
+    )
     with caplog.at_level(logging.WARNING):
         epochs = [[None if batch is None else len(batch[1]) for batch in loader] for _ in range(2)]
     assert [sorted(epoch, key=str) for epoch in epochs] == [[1, 1, 1, None]] * 2
@@ -275,8 +293,9 @@ def test_unreadable_image_is_reported_once_over_workers_and_epochs(tmp_path, cap
     assert len(warnings) == 1 and "unreadable" in warnings[0]
 
 
-@pytest.mark.parametrize("error", [struct.error("unpack requires a buffer of 4 bytes"), KeyError(274),
-                                   ZeroDivisionError("division by zero")])
+@pytest.mark.parametrize(
+    "error", [struct.error("unpack requires a buffer of 4 bytes"), KeyError(274), ZeroDivisionError("division by zero")]
+)
 def test_any_decoder_exception_skips_the_file_not_the_epoch(tmp_path, monkeypatch, error):
     write_folder(tmp_path, {"a": 2})
     _, samples = datasets.list_image_folder(tmp_path)
@@ -298,7 +317,9 @@ def test_image_extensions_are_the_shared_constant(tmp_path):
     folder = tmp_path / "c"
     folder.mkdir()
     for name in ("a.JPEG", "b.png", "c.gif", "notes.txt"):
-        Image.new("RGB", (8, 8)).save(folder / name, format="PNG") if name != "notes.txt" else (folder / name).write_text("x")
+        Image.new("RGB", (8, 8)).save(folder / name, format="PNG") if name != "notes.txt" else (
+            folder / name
+        ).write_text("x")
     assert [Path(path).name for path, _ in datasets.list_image_folder(tmp_path)[1]] == ["a.JPEG", "b.png", "c.gif"]
 
 
@@ -333,17 +354,39 @@ def test_checkpoint_round_trip_with_resume_state(tmp_path):
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     optimizer.step()
     stats = Stats(mean=[1.0, 2.0, 3.0], std=[4.0, 5.0, 6.0], pca_eigval=[3.0, 2.0, 1.0], pca_eigvec=np.eye(3).tolist())
-    history = [{"epoch": 1, "lr": 0.01, "train_loss": 1.0, "train_top1": 0.5, "center_top1": 0.6,
-                "center_top5": 1.0, "five_top1": 0.7, "five_top5": 1.0, "seconds": 1.0}]
+    history = [
+        {
+            "epoch": 1,
+            "lr": 0.01,
+            "train_loss": 1.0,
+            "train_top1": 0.5,
+            "center_top1": 0.6,
+            "center_top5": 1.0,
+            "five_top1": 0.7,
+            "five_top5": 1.0,
+            "seconds": 1.0,
+        }
+    ]
     random.seed(5)
     np.random.seed(5)
-    checkpoint = training_checkpoint(config=config, model=model, optimizer=optimizer, rule=PlateauState(lr=0.01),
-                                 epoch=1, classes=["x", "y", "z"], stats=stats, history=history, init="paper")
+    checkpoint = training_checkpoint(
+        config=config,
+        model=model,
+        optimizer=optimizer,
+        rule=PlateauState(lr=0.01),
+        epoch=1,
+        classes=["x", "y", "z"],
+        stats=stats,
+        history=history,
+        init="paper",
+    )
     expected_draws = (random.random(), np.random.rand(), torch.rand(1))
     save_checkpoint(checkpoint, tmp_path / "last.pt")
     loaded = load_checkpoint(tmp_path / "last.pt")  # weights_only=True inside
     rebuilt = model_from_checkpoint(loaded)
-    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values(), strict=True)
+    )
     assert loaded["preprocess"]["crop"] == 32 and loaded["preprocess"]["test_scale"] == 38
     assert loaded["preprocess"]["mean"] == [1.0, 2.0, 3.0] and loaded["metrics"]["val_top1"] == pytest.approx(0.7)
     assert loaded["config"]["scale"] == [36, 40] and TrainConfig.from_dict(loaded["config"]) == config
@@ -389,12 +432,22 @@ def test_resume_continues_in_the_given_out_directory(tmp_path):
     assert config.out == str(tmp_path / "new") and config.epochs == 5 and config.lr == TrainConfig().lr
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"dropout": 1.5}, "--dropout"), ({"dropout": -0.1}, "--dropout"), ({"momentum": -1.0}, "--momentum"),
-    ({"weight_decay": -1.0}, "--weight-decay"), ({"workers": -1}, "--workers"), ({"stats_images": 0}, "--stats-images"),
-    ({"lr_factor": 0.0}, "--lr-factor"), ({"lr_patience": -1}, "--lr-patience"), ({"pca_std": -0.1}, "--pca-std"),
-    ({"log_every": -1}, "--log-every"), ({"out": "FILE"}, "is a file"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"dropout": 1.5}, "--dropout"),
+        ({"dropout": -0.1}, "--dropout"),
+        ({"momentum": -1.0}, "--momentum"),
+        ({"weight_decay": -1.0}, "--weight-decay"),
+        ({"workers": -1}, "--workers"),
+        ({"stats_images": 0}, "--stats-images"),
+        ({"lr_factor": 0.0}, "--lr-factor"),
+        ({"lr_patience": -1}, "--lr-patience"),
+        ({"pca_std": -0.1}, "--pca-std"),
+        ({"log_every": -1}, "--log-every"),
+        ({"out": "FILE"}, "is a file"),
+    ],
+)
 def test_validate_rejects_unusable_flags_in_one_line(tmp_path, change, message):
     if change.get("out") == "FILE":
         (tmp_path / "f").write_text("x")
@@ -406,8 +459,10 @@ def test_validate_rejects_unusable_flags_in_one_line(tmp_path, change, message):
     validate(dataclasses.replace(config, **{key: getattr(TrainConfig(), key) for key in change}), world_size=1)
 
 
-@pytest.mark.parametrize(("name", "message"), [("foo", "expected auto, cpu"), ("cuda", "no CUDA GPU"),
-                                               ("cuda:1", "no CUDA GPU"), ("meta", "expected auto, cpu")])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("foo", "expected auto, cpu"), ("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("meta", "expected auto, cpu")],
+)
 def test_unusable_device_is_a_usage_error(monkeypatch, name, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UsageError, match=message):
@@ -437,8 +492,16 @@ def test_diverging_run_is_one_line_and_exit_1(monkeypatch, capsys):
     assert error.startswith("error: training diverged") and "\n" not in error
 
 
-@pytest.mark.parametrize("arch", [{}, {"cfg": "A", "batch_norm": False}, {"cfg": "Z", "num_classes": 3, "batch_norm": False},
-                                  {"cfg": "A", "num_classes": "ten", "batch_norm": False}, "A"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {},
+        {"cfg": "A", "batch_norm": False},
+        {"cfg": "Z", "num_classes": 3, "batch_norm": False},
+        {"cfg": "A", "num_classes": "ten", "batch_norm": False},
+        "A",
+    ],
+)
 def test_model_from_checkpoint_with_a_bad_arch_is_a_checkpoint_error(arch):
     from vgg.checkpoint import CheckpointError
 
@@ -493,9 +556,13 @@ def test_no_decay_bias_exempts_biases_and_batch_norm_from_weight_decay(decay_bia
 def test_build_model_pre_initialises_from_a_trained_net_a(tmp_path):
     """--init-from (section 3.1): D's first four convs and three FC layers come from A's checkpoint."""
     source = vgg.build("A", num_classes=3, fc_width=16)
-    checkpoint = {"format": "vgg-checkpoint/1", "model": source.state_dict(), "classes": ["a", "b", "c"],
-                  "arch": {"cfg": "A", "batch_norm": False, "num_classes": 3, "dropout": 0.5, "fc_width": 16},
-                  "preprocess": {"mean": [0.0] * 3, "std": [1.0] * 3, "crop": 32, "test_scale": 36}}
+    checkpoint = {
+        "format": "vgg-checkpoint/1",
+        "model": source.state_dict(),
+        "classes": ["a", "b", "c"],
+        "arch": {"cfg": "A", "batch_norm": False, "num_classes": 3, "dropout": 0.5, "fc_width": 16},
+        "preprocess": {"mean": [0.0] * 3, "std": [1.0] * 3, "crop": 32, "test_scale": 36},
+    }
     save_checkpoint(checkpoint, tmp_path / "a.pt")
     config = TrainConfig(cfg="D", fc_width=16, init_from=str(tmp_path / "a.pt"))
     model, init = training_run.build_model(config, num_classes=3)
@@ -508,6 +575,12 @@ def test_runs_saved_with_errors_resume_with_accuracies():
     from training.history import upgrade_row
 
     legacy = {"epoch": 3, "lr": 0.01, "train_loss": 0.5, "train_top1_err": 0.25, "five_top1_err": 0.1, "seconds": 2.0}
-    assert upgrade_row(legacy) == {"epoch": 3, "lr": 0.01, "train_loss": 0.5, "train_top1": 0.75,
-                                   "five_top1": pytest.approx(0.9), "seconds": 2.0}
+    assert upgrade_row(legacy) == {
+        "epoch": 3,
+        "lr": 0.01,
+        "train_loss": 0.5,
+        "train_top1": 0.75,
+        "five_top1": pytest.approx(0.9),
+        "seconds": 2.0,
+    }
     assert upgrade_row(upgrade_row(legacy)) == upgrade_row(legacy)

@@ -34,8 +34,14 @@ def stats_identity() -> Stats:
 
 
 def tiny_net() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(4, 2))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
+    )
 
 
 def ddp_rank_with_unreadable_batch(rank: int, init_file: str, out_dir: str) -> None:
@@ -45,8 +51,9 @@ def ddp_rank_with_unreadable_batch(rank: int, init_file: str, out_dir: str) -> N
 
     from training.epoch import train_one_epoch
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=30))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
     torch.manual_seed(0)
     model = nn.parallel.DistributedDataParallel(tiny_net())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -54,8 +61,17 @@ def ddp_rank_with_unreadable_batch(rank: int, init_file: str, out_dir: str) -> N
     batches = [(torch.randn(4, 3, 8, 8, generator=generator), torch.tensor([0, 1, 0, 1])) for _ in range(2)]
     if rank == 1:
         batches[0] = None
-    train_one_epoch(model, batches, optimizer, device=torch.device("cpu"), amp=False, channels_last=False,
-                    epoch=1, show_progress=False, crop=8)
+    train_one_epoch(
+        model,
+        batches,
+        optimizer,
+        device=torch.device("cpu"),
+        amp=False,
+        channels_last=False,
+        epoch=1,
+        show_progress=False,
+        crop=8,
+    )
     torch.save(model.module.state_dict(), Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -69,7 +85,9 @@ def dense_probabilities_by_hand(model, image: torch.Tensor) -> torch.Tensor:
     for view in (image, image.flip(2)):
         features = model.features(view[None])[0]  # [C, h, w], one 32x32 window per position
         columns = features.flatten(1).T  # [h*w, C]; a 1x1 map pooled to 7x7 is C values repeated 49 times
-        hidden = torch.relu(torch.relu(columns.repeat_interleave(49, dim=1) @ fc6.weight.T + fc6.bias) @ fc7.weight.T + fc7.bias)
+        hidden = torch.relu(
+            torch.relu(columns.repeat_interleave(49, dim=1) @ fc6.weight.T + fc6.bias) @ fc7.weight.T + fc7.bias
+        )
         scores = (hidden @ fc8.weight.T + fc8.bias).mean(dim=0)
         probabilities.append(scores.softmax(dim=0))
     return torch.stack(probabilities).mean(dim=0)

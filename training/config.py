@@ -129,9 +129,13 @@ def _validate_geometry(config: TrainConfig, *, world_size: int) -> None:
     if len(config.scale) not in (1, 2) or config.scale_range[0] > config.scale_range[1]:
         raise UsageError(f"--scale takes S or SMIN SMAX with SMIN <= SMAX, got {list(config.scale)}")
     if not MIN_CROP <= config.crop <= config.scale_range[0] <= config.scale_range[1] <= MAX_SCALE:
-        raise UsageError(f"need {MIN_CROP} <= --crop <= S <= {MAX_SCALE}, got crop {config.crop} and S {list(config.scale)}")
+        raise UsageError(
+            f"need {MIN_CROP} <= --crop <= S <= {MAX_SCALE}, got crop {config.crop} and S {list(config.scale)}"
+        )
     if not config.crop <= config.test_scale <= MAX_SCALE:
-        raise UsageError(f"need --crop <= --test-scale Q <= {MAX_SCALE}, got Q {config.test_scale} and crop {config.crop}")
+        raise UsageError(
+            f"need --crop <= --test-scale Q <= {MAX_SCALE}, got Q {config.test_scale} and crop {config.crop}"
+        )
     if config.batch_size < 1 or config.batch_size % world_size:
         raise UsageError(f"--batch-size {config.batch_size} must be a positive multiple of the {world_size} processes")
     if config.epochs < 1 or config.lr <= 0:
@@ -154,9 +158,13 @@ def _validate_optimiser(config: TrainConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
-    for flag, value in (("--momentum", config.momentum), ("--weight-decay", config.weight_decay),
-                        ("--pca-std", config.pca_std), ("--lr-patience", config.lr_patience),
-                        ("--lr-max-decreases", config.lr_max_decreases)):
+    for flag, value in (
+        ("--momentum", config.momentum),
+        ("--weight-decay", config.weight_decay),
+        ("--pca-std", config.pca_std),
+        ("--lr-patience", config.lr_patience),
+        ("--lr-max-decreases", config.lr_max_decreases),
+    ):
         if value < 0:
             raise UsageError(f"{flag} must not be negative, got {value}")
     if not 0.0 < config.lr_factor <= 1.0:

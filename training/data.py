@@ -270,6 +270,8 @@ def sample_images(samples: list[Sample], *, count: int, scale: int, seed: int) -
             images.append(resize_shortest_side(image, scale))
     if not images:
         first = unreadable[0] if unreadable else Unreadable("(none)", "no images")
-        raise DataError(f"none of the {len(chosen)} training images sampled can be read "
-                        f"(e.g. {first.path}: {first.reason}); check the data folder")
+        raise DataError(
+            f"none of the {len(chosen)} training images sampled can be read "
+            f"(e.g. {first.path}: {first.reason}); check the data folder"
+        )
     return images

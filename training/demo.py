@@ -29,8 +29,14 @@ IMAGES_PER_CLASS = 250
 # (Glorot or Kaiming init, no BatchNorm) is still near chance or unstable at lr 1e-2;
 # with BatchNorm it passes 95% validation accuracy by epoch 3 (27 steps; measured 86% after
 # 18 steps, 99.2% FiveCrop top-1 after 27).
-DEMO_OVERRIDES = {"scale": (36, 44), "crop": 32, "epochs": 6, "batch_norm": True, "init": "kaiming",
-                  "stats_images": 500}
+DEMO_OVERRIDES = {
+    "scale": (36, 44),
+    "crop": 32,
+    "epochs": 6,
+    "batch_norm": True,
+    "init": "kaiming",
+    "stats_images": 500,
+}
 
 
 def _draw_shape(image: Image.Image, kind: str, colour: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:

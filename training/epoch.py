@@ -38,8 +38,14 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def progress_bar(iterable, *, total: int, description: str, enabled: bool):
-    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True,
-                disable=not (enabled and sys.stderr.isatty()))
+    return tqdm(
+        iterable,
+        total=total,
+        desc=description,
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (enabled and sys.stderr.isatty()),
+    )
 
 
 def parameter_groups(model: nn.Module, *, weight_decay: float, decay_bias: bool) -> list[dict]:
@@ -49,8 +55,10 @@ def parameter_groups(model: nn.Module, *, weight_decay: float, decay_bias: bool)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if decay_bias:
         return [{"params": parameters, "weight_decay": weight_decay}]
-    return [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": weight_decay},
-            {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in parameters if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0},
+    ]
 
 
 def make_optimizer(model: nn.Module, config) -> torch.optim.SGD:
@@ -129,7 +137,9 @@ def _zero_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, device: to
     (no BatchNorm statistics or dropout draws), ``0 * output`` backward (the all-reduce runs),
     then the optimizer step every rank takes with the averaged gradients."""
     if crop is None:
-        raise RuntimeError("a DDP rank got a batch of only unreadable images; train_one_epoch needs crop= to join the step")
+        raise RuntimeError(
+            "a DDP rank got a batch of only unreadable images; train_one_epoch needs crop= to join the step"
+        )
     model.eval()
     try:
         dummy = torch.zeros(1, 3, crop, crop, device=device)
@@ -146,8 +156,16 @@ def topk_correct(probabilities: torch.Tensor, labels: torch.Tensor, k: int) -> i
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, crop: int, device: torch.device, amp: bool, channels_last: bool,
-             show_progress: bool = True) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    crop: int,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+    show_progress: bool = True,
+) -> dict[str, float]:
     """Top-1/top-5 accuracy of the ``center`` and ``five`` protocols (:mod:`vgg.protocols`;
     ``five`` is the TTA the service runs) from one forward pass of the five crops. The loader
     yields normalised ``Q x Q`` squares ``[N, 3, Q, Q]`` and labels."""
@@ -180,12 +198,15 @@ def network_fn(model: nn.Module, *, device: torch.device, amp: bool, channels_la
 
 
 @torch.no_grad()
-def dense_probabilities(dense: nn.Module, views: list[torch.Tensor], *, device: torch.device, amp: bool) -> torch.Tensor:
+def dense_probabilities(
+    dense: nn.Module, views: list[torch.Tensor], *, device: torch.device, amp: bool
+) -> torch.Tensor:
     """Section 3.2 for one image: the ``dense`` protocol (:mod:`vgg.protocols`) at each
     scale's whole image ``[3, H, W]``, averaged over the scales: ``[1, classes]``."""
     network = network_fn(dense, device=device, amp=amp, channels_last=False)
-    return protocols.mean_posterior([protocols.dense_posterior(network, image.unsqueeze(0).to(device)).cpu()
-                                     for image in views])
+    return protocols.mean_posterior(
+        [protocols.dense_posterior(network, image.unsqueeze(0).to(device)).cpu() for image in views]
+    )
 
 
 @torch.no_grad()

@@ -15,8 +15,17 @@ from typing import Any
 __all__ = ["METRIC_COLUMNS", "SELECTION_KEY", "epoch_line", "plot_history", "upgrade_row", "write_metrics"]
 
 METRIC_COLUMNS = (
-    "epoch", "lr", "train_loss", "train_top1", "center_top1", "center_top5",
-    "five_top1", "five_top5", "dense_top1", "dense_top5", "seconds",
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "center_top1",
+    "center_top5",
+    "five_top1",
+    "five_top5",
+    "dense_top1",
+    "dense_top5",
+    "seconds",
 )
 SELECTION_KEY = "five_top1"  # chooses best.pt and drives the LR rule: FiveCrop top-1, the served TTA
 

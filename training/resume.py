@@ -37,7 +37,10 @@ def resumed_config(saved: dict[str, Any], args: argparse.Namespace) -> TrainConf
     given = {key: value for key, value in vars(args).items() if key not in ("resume", "verbose", "out")}
     ignored = sorted(set(given) - set(RESUME_OVERRIDES))
     if ignored:
-        log.warning("--resume keeps the saved recipe; ignoring %s", ", ".join(_FLAG_OF.get(k, f"--{k.replace('_', '-')}") for k in ignored))
+        log.warning(
+            "--resume keeps the saved recipe; ignoring %s",
+            ", ".join(_FLAG_OF.get(k, f"--{k.replace('_', '-')}") for k in ignored),
+        )
     kept = {k: v for k, v in given.items() if k in RESUME_OVERRIDES}
     return dataclasses.replace(TrainConfig.from_dict(saved), **kept, out=str(args.out))
 
@@ -66,8 +69,9 @@ def saved_stats(state: dict[str, Any]) -> Stats:
     return Stats(**{key: state["preprocess"][key] for key in STATS_KEYS})
 
 
-def restore(state: dict[str, Any], *, model: nn.Module, optimizer, init: str,
-            path: Path, rank: int = 0) -> tuple[PlateauState, int, list[dict[str, Any]], str]:
+def restore(
+    state: dict[str, Any], *, model: nn.Module, optimizer, init: str, path: Path, rank: int = 0
+) -> tuple[PlateauState, int, list[dict[str, Any]], str]:
     """Load the resume state of ``last.pt`` into ``model``/``optimizer`` and this rank's RNGs;
     returns the LR rule, the first epoch to run, the history and the init description. A rank
     the run did not have before keeps its fresh seed (``seed + rank``)."""
@@ -77,8 +81,9 @@ def restore(state: dict[str, Any], *, model: nn.Module, optimizer, init: str,
         rule = PlateauState.from_dict(state["lr_rule"])
         own = rank_rng_state(state, rank)
         if own is None:
-            log.warning("rank %d: %s holds no RNG state for it (saved by fewer processes); it starts from its seed",
-                        rank, path)
+            log.warning(
+                "rank %d: %s holds no RNG state for it (saved by fewer processes); it starts from its seed", rank, path
+            )
         else:
             set_rng_state(own)
         start_epoch, history = int(state["epoch"]) + 1, [upgrade_row(row) for row in state["history"]]

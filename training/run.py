@@ -63,56 +63,102 @@ def get_args_parser() -> argparse.ArgumentParser:
     geometry only fills in what the user did not choose.
     """
     d = TrainConfig()
-    p = OneLineArgumentParser(prog="python -m training.run", description=__doc__.split("\n\n")[0],
-                                argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineArgumentParser(
+        prog="python -m training.run",
+        description=__doc__.split("\n\n")[0],
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     model = p.add_argument_group("model (paper, Table 1)")
     model.add_argument("--cfg", choices=vgg.CONFIG_NAMES, help=f"configuration (default {d.cfg})")
-    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each conv (not in the paper)")
+    model.add_argument(
+        "--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each conv (not in the paper)"
+    )
     model.add_argument("--fc-width", type=int, help=f"width of the two hidden FC layers (default {d.fc_width})")
     model.add_argument("--dropout", type=float, help=f"dropout of the first two FC layers (default {d.dropout})")
-    model.add_argument("--init", choices=INITS, help="weight init (default: paper for A/A-LRN or with --init-from, glorot otherwise)")
-    model.add_argument("--init-from", metavar="CKPT", help="pre-initialise from a trained net A checkpoint (section 3.1)")
-    model.add_argument("--finetune-from", metavar="FILE",
-                       help="fine-tune: start from a checkpoint or torchvision-layout VGG state dict (.pth/.safetensors); "
-                       "its configuration, normalisation and lr 1e-3 are the defaults")
+    model.add_argument(
+        "--init", choices=INITS, help="weight init (default: paper for A/A-LRN or with --init-from, glorot otherwise)"
+    )
+    model.add_argument(
+        "--init-from", metavar="CKPT", help="pre-initialise from a trained net A checkpoint (section 3.1)"
+    )
+    model.add_argument(
+        "--finetune-from",
+        metavar="FILE",
+        help="fine-tune: start from a checkpoint or torchvision-layout VGG state dict (.pth/.safetensors); "
+        "its configuration, normalisation and lr 1e-3 are the defaults",
+    )
     model.add_argument("--freeze-features", action="store_true", help="with --finetune-from: train only the FC layers")
     optim = p.add_argument_group("optimiser (paper, section 3.1)")
     optim.add_argument("--batch-size", type=int, help=f"global mini-batch (default {d.batch_size})")
     optim.add_argument("--momentum", type=float, help=f"(default {d.momentum})")
     optim.add_argument("--weight-decay", type=float, help=f"(default {d.weight_decay})")
-    optim.add_argument("--decay-bias", action=argparse.BooleanOptionalAction,
-                       help="weight decay on biases and BatchNorm parameters too (default on; --no-decay-bias: off)")
+    optim.add_argument(
+        "--decay-bias",
+        action=argparse.BooleanOptionalAction,
+        help="weight decay on biases and BatchNorm parameters too (default on; --no-decay-bias: off)",
+    )
     optim.add_argument("--lr", type=float, help=f"initial learning rate (default {d.lr})")
     optim.add_argument("--lr-factor", type=float, help=f"LR multiplier on a plateau (default {d.lr_factor})")
-    optim.add_argument("--lr-patience", type=int, help=f"epochs without val improvement before a decrease (default {d.lr_patience})")
+    optim.add_argument(
+        "--lr-patience", type=int, help=f"epochs without val improvement before a decrease (default {d.lr_patience})"
+    )
     optim.add_argument("--lr-max-decreases", type=int, help=f"(default {d.lr_max_decreases})")
     optim.add_argument("--epochs", type=int, help=f"(default {d.epochs}; demo: {DEMO_OVERRIDES['epochs']})")
     images = p.add_argument_group("training images (paper, section 3.1)")
-    images.add_argument("--scale", type=int, nargs="+", metavar="S",
-                        help="training scale S: one value (fixed) or SMIN SMAX (jitter) (default 256)")
+    images.add_argument(
+        "--scale",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help="training scale S: one value (fixed) or SMIN SMAX (jitter) (default 256)",
+    )
     images.add_argument("--crop", type=int, help=f"crop size (default {d.crop})")
-    images.add_argument("--augment", action=argparse.BooleanOptionalAction, help="random crop, flip and colour shift (default on)")
+    images.add_argument(
+        "--augment", action=argparse.BooleanOptionalAction, help="random crop, flip and colour shift (default on)"
+    )
     images.add_argument("--pca-std", type=float, help=f"std of the PCA colour shift alphas (default {d.pca_std})")
     images.add_argument("--stats-images", type=int, help=f"images sampled for mean/std/PCA (default {d.stats_images})")
-    images.add_argument("--test-scale", dest="test_scale_override", type=int, metavar="Q",
-                        help="single test scale Q for validation and the served graph (default: S, or (Smin+Smax)/2)")
-    images.add_argument("--eval-dense", action=argparse.BooleanOptionalAction, help="dense multi-scale evaluation (section 3.2)")
+    images.add_argument(
+        "--test-scale",
+        dest="test_scale_override",
+        type=int,
+        metavar="Q",
+        help="single test scale Q for validation and the served graph (default: S, or (Smin+Smax)/2)",
+    )
+    images.add_argument(
+        "--eval-dense", action=argparse.BooleanOptionalAction, help="dense multi-scale evaluation (section 3.2)"
+    )
     source = p.add_argument_group("data")
-    source.add_argument("--data", metavar="DIR", help="ImageNet-style folder: DIR/train/<class>/*, optional DIR/val/<class>/*")
+    source.add_argument(
+        "--data", metavar="DIR", help="ImageNet-style folder: DIR/train/<class>/*, optional DIR/val/<class>/*"
+    )
     source.add_argument("--dataset", choices=datasets.DOWNLOADABLE, help="download with torchvision (needs internet)")
-    source.add_argument("--val-split", type=float, help=f"held-out fraction of train/ without val/ (default {d.val_split})")
+    source.add_argument(
+        "--val-split", type=float, help=f"held-out fraction of train/ without val/ (default {d.val_split})"
+    )
     running = p.add_argument_group("running")
     running.add_argument("--seed", type=int, help=f"(default {d.seed})")
-    running.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default off; demo: on where the CPU has bf16)")
+    running.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast (default off; demo: on where the CPU has bf16)",
+    )
     running.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, min(8, cores) on GPU)")
     running.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     running.add_argument("--out", metavar="DIR", help="run directory (default runs/<cfg>-<timestamp>)")
     running.add_argument("--resume", action="store_true", default=False, help="continue from DIR/last.pt of --out")
     running.add_argument("--log-every", type=int, help="also log every N steps")
-    running.add_argument("--export", action=argparse.BooleanOptionalAction, help="export + register best.pt at the end (default on)")
-    running.add_argument("-v", "--verbose", action="store_true", default=False,
-                         help="also log the ONNX exporter's and optimiser's own messages while exporting")
+    running.add_argument(
+        "--export", action=argparse.BooleanOptionalAction, help="export + register best.pt at the end (default on)"
+    )
+    running.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=False,
+        help="also log the ONNX exporter's and optimiser's own messages while exporting",
+    )
     return p
 
 
@@ -136,9 +182,19 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     return dataclasses.replace(base, **given), demo
 
 
-def training_checkpoint(*, config: TrainConfig, model: nn.Module, optimizer, rule: PlateauState, epoch: int,
-                        classes: list[str], stats: Stats, history: list[dict[str, Any]], init: str,
-                        rng_states: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def training_checkpoint(
+    *,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer,
+    rule: PlateauState,
+    epoch: int,
+    classes: list[str],
+    stats: Stats,
+    history: list[dict[str, Any]],
+    init: str,
+    rng_states: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The checkpoint after ``epoch`` (:func:`vgg.checkpoint.build_checkpoint`), with the resume state;
     ``rng_states``: every rank's RNG state in rank order (:func:`training.rng.gather_rng_states`),
     default this process's."""
@@ -146,15 +202,32 @@ def training_checkpoint(*, config: TrainConfig, model: nn.Module, optimizer, rul
     rng_states = rng_states or [rng_state()]
     return build_checkpoint(
         model,
-        arch={"cfg": config.cfg, "batch_norm": config.batch_norm, "num_classes": len(classes),
-              "dropout": config.dropout, "fc_width": config.fc_width},
+        arch={
+            "cfg": config.cfg,
+            "batch_norm": config.batch_norm,
+            "num_classes": len(classes),
+            "dropout": config.dropout,
+            "fc_width": config.fc_width,
+        },
         classes=classes,
         preprocess={**dataclasses.asdict(stats), "crop": config.crop, "test_scale": config.test_scale},
-        metrics={"epoch": epoch, "val_top1": last["five_top1"], "val_top5": last["five_top5"],
-                 "center_top1": last["center_top1"], "center_top5": last["center_top5"], "train_loss": last["train_loss"]},
+        metrics={
+            "epoch": epoch,
+            "val_top1": last["five_top1"],
+            "val_top5": last["five_top5"],
+            "center_top1": last["center_top1"],
+            "center_top5": last["center_top5"],
+            "train_loss": last["train_loss"],
+        },
         config={**config.to_dict(), "init_used": init},
-        resume={"optimizer": optimizer.state_dict(), "lr_rule": rule.to_dict(), "epoch": epoch,
-                "rng": rng_states[0], "rng_ranks": rng_states, "history": history},
+        resume={
+            "optimizer": optimizer.state_dict(),
+            "lr_rule": rule.to_dict(),
+            "epoch": epoch,
+            "rng": rng_states[0],
+            "rng_ranks": rng_states,
+            "history": history,
+        },
     )
 
 
@@ -179,12 +252,32 @@ def main(args: argparse.Namespace) -> int:
     if source is not None:
         stats = finetune.source_stats(stats, source)
     training, start_epoch = start_training(config, runtime, splits, stats, resume_state, source)
-    log.info("VGG-%s%s, %d classes, %d train / %d val images from %s", config.cfg, "-BN" if config.batch_norm else "",
-             len(splits.classes), len(splits.train), len(splits.val), config.data)
-    log.info("init: %s | device %s x%d (process group: %s) | amp %s | S %s crop %d Q %d | batch %d lr %g momentum %g "
-             "wd %g dropout %g", training.init, runtime.device, runtime.world_size, runtime.backend,
-             "bf16" if config.amp else "off", list(config.scale), config.crop, config.test_scale, config.batch_size,
-             training.rule.lr, config.momentum, config.weight_decay, config.dropout)
+    log.info(
+        "VGG-%s%s, %d classes, %d train / %d val images from %s",
+        config.cfg,
+        "-BN" if config.batch_norm else "",
+        len(splits.classes),
+        len(splits.train),
+        len(splits.val),
+        config.data,
+    )
+    log.info(
+        "init: %s | device %s x%d (process group: %s) | amp %s | S %s crop %d Q %d | batch %d lr %g momentum %g "
+        "wd %g dropout %g",
+        training.init,
+        runtime.device,
+        runtime.world_size,
+        runtime.backend,
+        "bf16" if config.amp else "off",
+        list(config.scale),
+        config.crop,
+        config.test_scale,
+        config.batch_size,
+        training.rule.lr,
+        config.momentum,
+        config.weight_decay,
+        config.dropout,
+    )
     if runtime.is_main:
         training.out.mkdir(parents=True, exist_ok=True)
         config_json = {**config.to_dict(), "init_used": training.init}
@@ -238,8 +331,13 @@ def run_epochs(training: Training, loaders: Loaders, start_epoch: int) -> float:
         row, images_per_s = run_epoch(training, loaders, epoch)
         val_top1 = broadcast_float(row.get(SELECTION_KEY, 0.0), runtime)
         training.history.append(row)
-        training.rule = plateau_step(training.rule, val_top1=val_top1, patience=config.lr_patience,
-                                     factor=config.lr_factor, max_decreases=config.lr_max_decreases)
+        training.rule = plateau_step(
+            training.rule,
+            val_top1=val_top1,
+            patience=config.lr_patience,
+            factor=config.lr_factor,
+            max_decreases=config.lr_max_decreases,
+        )
         rng_states = gather_rng_states(runtime)  # a collective: every rank takes part
         if runtime.is_main:
             log.info("%s", epoch_line(row, images_per_s=images_per_s, next_lr=training.rule.lr))
@@ -253,25 +351,52 @@ def run_epochs(training: Training, loaders: Loaders, start_epoch: int) -> float:
 def run_epoch(training: Training, loaders: Loaders, epoch: int) -> tuple[dict[str, Any], float]:
     """One epoch's history row (validated on rank 0 only) and its training images/s."""
     config, runtime = training.config, training.runtime
-    train = train_one_epoch(training.train_model, loaders.train, training.optimizer, device=runtime.device,
-                            amp=config.amp, channels_last=training.channels_last, epoch=epoch,
-                            show_progress=runtime.is_main, log_every=config.log_every, crop=config.crop)
+    train = train_one_epoch(
+        training.train_model,
+        loaders.train,
+        training.optimizer,
+        device=runtime.device,
+        amp=config.amp,
+        channels_last=training.channels_last,
+        epoch=epoch,
+        show_progress=runtime.is_main,
+        log_every=config.log_every,
+        crop=config.crop,
+    )
     row: dict[str, Any] = {"epoch": epoch, "lr": training.rule.lr, "train_loss": train.loss, "train_top1": train.top1}
     if runtime.is_main:
-        row.update(evaluate(training.model, loaders.val, crop=config.crop, device=runtime.device, amp=config.amp,
-                            channels_last=training.channels_last))
+        row.update(
+            evaluate(
+                training.model,
+                loaders.val,
+                crop=config.crop,
+                device=runtime.device,
+                amp=config.amp,
+                channels_last=training.channels_last,
+            )
+        )
         if loaders.dense is not None:
-            row.update(evaluate_dense(training.model, loaders.dense, crop=config.crop, device=runtime.device,
-                                      amp=config.amp))
+            row.update(
+                evaluate_dense(training.model, loaders.dense, crop=config.crop, device=runtime.device, amp=config.amp)
+            )
     row["seconds"] = round(train.seconds, 1)
     return row, train.images / max(train.seconds, 1e-9)
 
 
 def save_epoch(training: Training, epoch: int, *, best: bool, rng_states: list[dict[str, Any]]) -> None:
     """``last.pt`` (and ``best.pt`` when ``best``), ``metrics.csv`` and ``curves.png``."""
-    checkpoint = training_checkpoint(config=training.config, model=training.model, optimizer=training.optimizer,
-                                     rule=training.rule, epoch=epoch, classes=training.classes, stats=training.stats,
-                                     history=training.history, init=training.init, rng_states=rng_states)
+    checkpoint = training_checkpoint(
+        config=training.config,
+        model=training.model,
+        optimizer=training.optimizer,
+        rule=training.rule,
+        epoch=epoch,
+        classes=training.classes,
+        stats=training.stats,
+        history=training.history,
+        init=training.init,
+        rng_states=rng_states,
+    )
     save_checkpoint(checkpoint, training.out / "last.pt")
     if best:
         save_checkpoint(checkpoint, training.out / "best.pt")
@@ -294,8 +419,13 @@ def export_best(best: Path) -> None:
         result = export_checkpoint(best, register=True, precision=precision, int8_optional=True)
     except ExportError as error:
         raise ExportFailed(f"export of {best} failed: {error}") from None
-    log.info("exported %s (%s) -> %s, registered in BentoML as %s", best, "+".join(result.metadata["precisions"]),
-             result.onnx_path, result.tag)
+    log.info(
+        "exported %s (%s) -> %s, registered in BentoML as %s",
+        best,
+        "+".join(result.metadata["precisions"]),
+        result.onnx_path,
+        result.tag,
+    )
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -41,11 +41,18 @@ def compute_stats(config: TrainConfig, train: list[datasets.Sample]) -> Stats:
     return pixel_stats(images, seed=config.seed)
 
 
-def build_model(config: TrainConfig, *, num_classes: int,
-                source: finetune.Source | None = None) -> tuple[nn.Module, str]:
+def build_model(
+    config: TrainConfig, *, num_classes: int, source: finetune.Source | None = None
+) -> tuple[nn.Module, str]:
     init = config.resolved_init()
-    model = vgg.build(config.cfg, num_classes=num_classes, batch_norm=config.batch_norm,
-                      dropout=config.dropout, init=init, fc_width=config.fc_width)
+    model = vgg.build(
+        config.cfg,
+        num_classes=num_classes,
+        batch_norm=config.batch_norm,
+        dropout=config.dropout,
+        init=init,
+        fc_width=config.fc_width,
+    )
     if config.init_from is not None:
         shallower = vgg.checkpoint.model_from_checkpoint(load_checkpoint(config.init_from))
         try:
@@ -85,8 +92,14 @@ class Training:
         return self.runtime.device.type == "cuda"
 
 
-def start_training(config: TrainConfig, runtime: Runtime, splits: datasets.Splits, stats: Stats,
-                   resume_state: dict[str, Any] | None, source: finetune.Source | None) -> tuple[Training, int]:
+def start_training(
+    config: TrainConfig,
+    runtime: Runtime,
+    splits: datasets.Splits,
+    stats: Stats,
+    resume_state: dict[str, Any] | None,
+    source: finetune.Source | None,
+) -> tuple[Training, int]:
     """The model (resumed from ``resume_state`` if given), its optimizer and LR rule; and the first epoch to run."""
     seed_everything(config.seed + runtime.rank)
     model, init = build_model(config, num_classes=len(splits.classes), source=source)
@@ -96,10 +109,26 @@ def start_training(config: TrainConfig, runtime: Runtime, splits: datasets.Split
     optimizer = make_optimizer(model, config)  # only the parameters that train (requires_grad)
     rule, start_epoch, history = PlateauState(lr=config.lr), 1, []
     if resume_state is not None:
-        rule, start_epoch, history, init = restore(resume_state, model=model, optimizer=optimizer, init=init,
-                                                   path=Path(config.out) / "last.pt", rank=runtime.rank)
+        rule, start_epoch, history, init = restore(
+            resume_state,
+            model=model,
+            optimizer=optimizer,
+            init=init,
+            path=Path(config.out) / "last.pt",
+            rank=runtime.rank,
+        )
     train_model = nn.parallel.DistributedDataParallel(model) if runtime.distributed else model
-    training = Training(config=config, runtime=runtime, model=model, train_model=train_model, optimizer=optimizer,
-                        rule=rule, history=history, init=init, classes=splits.classes, stats=stats,
-                        out=Path(config.out))
+    training = Training(
+        config=config,
+        runtime=runtime,
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        rule=rule,
+        history=history,
+        init=init,
+        classes=splits.classes,
+        stats=stats,
+        out=Path(config.out),
+    )
     return training, start_epoch

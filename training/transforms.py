@@ -192,4 +192,3 @@ class DensePreset:
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         return [self.normalize(self.to_tensor(resize_shortest_side(image, q))) for q in self.scales]
-

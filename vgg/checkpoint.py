@@ -81,8 +81,11 @@ def build_checkpoint(
     """A checkpoint of the schema above: ``model``'s weights (detached, contiguous, on the CPU)
     and the given parts. ``resume`` holds the training-only state (optimizer, lr_rule, epoch,
     rng, history). Raises ``ValueError`` when a part lacks one of the schema's keys."""
-    for part, value, keys in (("arch", arch, ARCH_KEYS), ("preprocess", preprocess, PREPROCESS_KEYS),
-                              ("metrics", metrics, METRIC_KEYS)):
+    for part, value, keys in (
+        ("arch", arch, ARCH_KEYS),
+        ("preprocess", preprocess, PREPROCESS_KEYS),
+        ("metrics", metrics, METRIC_KEYS),
+    ):
         missing = [key for key in keys if key not in value]
         if missing:
             raise ValueError(f"checkpoint {part} lacks {', '.join(missing)}")

@@ -155,8 +155,9 @@ def header_pixels(source: ImageSource, *, reduce_for: int | None = None) -> tupl
         return 0, 0
 
 
-def open_rgb(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-             reduce_for: int | None = None) -> Image.Image:
+def open_rgb(
+    source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_for: int | None = None
+) -> Image.Image:
     """Decode an image (first frame), apply its EXIF orientation and return it as RGB.
 
     The pixel count is checked from the header before the image is decoded. ``reduce_for``
