@@ -149,7 +149,10 @@ def test_bentoml_build_makes_a_bento_that_imports_without_torch(tmp_path) -> Non
     page_files = {p.name for p in (REPO_ROOT / "serving" / "static").iterdir()}
     assert page_files and page_files == {p.name for p in (bento / "src" / "serving" / "static").iterdir()}
     assert not any(s.startswith("tests/") or s.startswith("training/") for s in sources)
-    block_torch = "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; import service; print(service.VGGClassifier)"
+    block_torch = (
+        "import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None; "
+        "import service; print(service.VGGClassifier)"
+    )
     imported = subprocess.run(
         [sys.executable, "-c", block_torch], cwd=bento / "src", env=env, capture_output=True, text=True, timeout=120
     )
