@@ -25,9 +25,9 @@ from training.distributed import Runtime, resolve_device
 from training.epoch import evaluate
 from training.loaders import make_loaders
 from training.lr import PlateauState, plateau_step
-from training.resume import resumed_config
+from training.resume import resumed_config, training_checkpoint
 from training.rng import rng_state, set_rng_state
-from training.run import config_from_args, get_args_parser, training_checkpoint
+from training.run import config_from_args, get_args_parser
 from training.transforms import (
     EvalPreset,
     PCALighting,

@@ -124,3 +124,12 @@ def ensure_demo_data(root: Path | None = None, *, images_per_class: int = IMAGES
             raise
     log.info("generated the demo data set in %s (%d classes x %d images)", root, len(CLASSES), images_per_class)
     return root
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX): the demo trains with bf16 autocast there."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

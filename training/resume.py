@@ -1,4 +1,5 @@
-"""Resuming a run from its ``last.pt``: what the checkpoint must hold, the configuration it
+"""A run's checkpoints and resuming from its ``last.pt``: what each epoch's checkpoint holds
+(:func:`training_checkpoint`), what a resume needs from it, the configuration a resumed run
 continues with, and the state it restores (model, optimizer, LR rule, RNGs, history)."""
 
 from __future__ import annotations
@@ -14,12 +15,19 @@ from torch import nn
 from training.config import TrainConfig
 from training.history import upgrade_row
 from training.lr import PlateauState
-from training.rng import rank_rng_state, set_rng_state
+from training.rng import rank_rng_state, rng_state, set_rng_state
 from training.transforms import Stats
-from vgg.checkpoint import RESUME_KEYS, CheckpointError
+from vgg.checkpoint import RESUME_KEYS, CheckpointError, build_checkpoint
 from vgg.errors import one_line
 
-__all__ = ["RESUME_OVERRIDES", "check_resume_state", "restore", "resumed_config", "saved_stats"]
+__all__ = [
+    "RESUME_OVERRIDES",
+    "check_resume_state",
+    "restore",
+    "resumed_config",
+    "saved_stats",
+    "training_checkpoint",
+]
 
 log = logging.getLogger("training")
 
@@ -90,3 +98,52 @@ def restore(
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
         raise CheckpointError(f"{path}: cannot resume from it ({one_line(error)})") from None
     return rule, start_epoch, history, state["config"].get("init_used", init)
+
+
+def training_checkpoint(
+    *,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer,
+    rule: PlateauState,
+    epoch: int,
+    classes: list[str],
+    stats: Stats,
+    history: list[dict[str, Any]],
+    init: str,
+    rng_states: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint after ``epoch`` (:func:`vgg.checkpoint.build_checkpoint`), with the resume state;
+    ``rng_states``: every rank's RNG state in rank order (:func:`training.rng.gather_rng_states`),
+    default this process's."""
+    last = history[-1]
+    rng_states = rng_states or [rng_state()]
+    return build_checkpoint(
+        model,
+        arch={
+            "cfg": config.cfg,
+            "batch_norm": config.batch_norm,
+            "num_classes": len(classes),
+            "dropout": config.dropout,
+            "fc_width": config.fc_width,
+        },
+        classes=classes,
+        preprocess={**dataclasses.asdict(stats), "crop": config.crop, "test_scale": config.test_scale},
+        metrics={
+            "epoch": epoch,
+            "val_top1": last["five_top1"],
+            "val_top5": last["five_top5"],
+            "center_top1": last["center_top1"],
+            "center_top5": last["center_top5"],
+            "train_loss": last["train_loss"],
+        },
+        config={**config.to_dict(), "init_used": init},
+        resume={
+            "optimizer": optimizer.state_dict(),
+            "lr_rule": rule.to_dict(),
+            "epoch": epoch,
+            "rng": rng_states[0],
+            "rng_ranks": rng_states,
+            "history": history,
+        },
+    )

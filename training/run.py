@@ -18,23 +18,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import vgg
 from training import data as datasets
 from training import finetune
 from training.config import TrainConfig, UsageError, validate
-from training.demo import DEMO_OVERRIDES, demo_data_dir
+from training.demo import DEMO_OVERRIDES, cpu_has_bf16, demo_data_dir
 from training.distributed import Runtime, broadcast_float, setup_runtime
 from training.epoch import evaluate, evaluate_dense, train_one_epoch
 from training.history import SELECTION_KEY, epoch_line, plot_history, write_metrics
 from training.loaders import Loaders, make_loaders
-from training.lr import PlateauState, plateau_step
-from training.resume import check_resume_state, resumed_config, saved_stats
-from training.rng import gather_rng_states, rng_state
+from training.lr import plateau_step
+from training.publish import ExportFailed, export_best
+from training.resume import check_resume_state, resumed_config, saved_stats, training_checkpoint
+from training.rng import gather_rng_states
 from training.setup import Training, compute_stats, resolve_data, start_training
-from training.transforms import Stats
-from vgg.checkpoint import CheckpointError, build_checkpoint, load_checkpoint, save_checkpoint
+from vgg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vgg.errors import OneLineArgumentParser
 
 log = logging.getLogger("training")
@@ -47,10 +46,6 @@ DEMO_HINT = (
 
 
 RUN_ONLY_FLAGS = ("resume", "verbose")  # how this invocation runs, not part of the recipe
-
-
-class ExportFailed(RuntimeError):
-    """Training finished but exporting best.pt did not; one line, exit code 1."""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -162,14 +157,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     """The resolved configuration and whether it trains on the demo data."""
     given = {key: value for key, value in vars(args).items() if key not in RUN_ONLY_FLAGS}
@@ -180,55 +167,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if demo:
         base = dataclasses.replace(base, **DEMO_OVERRIDES, amp=cpu_has_bf16() or torch.cuda.is_available())
     return dataclasses.replace(base, **given), demo
-
-
-def training_checkpoint(
-    *,
-    config: TrainConfig,
-    model: nn.Module,
-    optimizer,
-    rule: PlateauState,
-    epoch: int,
-    classes: list[str],
-    stats: Stats,
-    history: list[dict[str, Any]],
-    init: str,
-    rng_states: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """The checkpoint after ``epoch`` (:func:`vgg.checkpoint.build_checkpoint`), with the resume state;
-    ``rng_states``: every rank's RNG state in rank order (:func:`training.rng.gather_rng_states`),
-    default this process's."""
-    last = history[-1]
-    rng_states = rng_states or [rng_state()]
-    return build_checkpoint(
-        model,
-        arch={
-            "cfg": config.cfg,
-            "batch_norm": config.batch_norm,
-            "num_classes": len(classes),
-            "dropout": config.dropout,
-            "fc_width": config.fc_width,
-        },
-        classes=classes,
-        preprocess={**dataclasses.asdict(stats), "crop": config.crop, "test_scale": config.test_scale},
-        metrics={
-            "epoch": epoch,
-            "val_top1": last["five_top1"],
-            "val_top5": last["five_top5"],
-            "center_top1": last["center_top1"],
-            "center_top5": last["center_top5"],
-            "train_loss": last["train_loss"],
-        },
-        config={**config.to_dict(), "init_used": init},
-        resume={
-            "optimizer": optimizer.state_dict(),
-            "lr_rule": rule.to_dict(),
-            "epoch": epoch,
-            "rng": rng_states[0],
-            "rng_ranks": rng_states,
-            "history": history,
-        },
-    )
 
 
 def default_out(cfg: str) -> Path:
@@ -402,30 +340,6 @@ def save_epoch(training: Training, epoch: int, *, best: bool, rng_states: list[d
         save_checkpoint(checkpoint, training.out / "best.pt")
     write_metrics(training.history, training.out)
     plot_history(training.history, training.out / "curves.png")
-
-
-def export_best(best: Path) -> None:
-    """Export and register ``best`` as the served model (the export package's API).
-
-    On a machine without a GPU the export adds the int8 graph (calibrated on training images,
-    checked for >= 99% top-1 agreement with fp32 on others), which the service then serves on
-    the CPU; when that cannot be done the fp32 model is registered and the log says why."""
-    try:
-        from export import ExportError, export_checkpoint
-    except ImportError as error:
-        raise ExportFailed(f"cannot export: {error}; rerun with --no-export, then python -m export") from None
-    precision = "fp32" if torch.cuda.is_available() else "int8"
-    try:
-        result = export_checkpoint(best, register=True, precision=precision, int8_optional=True)
-    except ExportError as error:
-        raise ExportFailed(f"export of {best} failed: {error}") from None
-    log.info(
-        "exported %s (%s) -> %s, registered in BentoML as %s",
-        best,
-        "+".join(result.metadata["precisions"]),
-        result.onnx_path,
-        result.tag,
-    )
 
 
 def cli(argv: list[str] | None = None) -> int:
