@@ -10,7 +10,7 @@ PY=.venv/bin/python
 export BENTOML_DO_NOT_TRACK=True
 
 if [[ -z "${VGG_MODEL:-}" ]] && ! "$PY" -m vgg.store --check >/dev/null 2>&1; then
-  echo "No 'vgg' model registered yet: training the built-in demo VGG-D (about 5 minutes on 2 CPU cores)."
+  echo "No 'vgg' model registered yet: training the built-in demo VGG-D (5-8 minutes of training on 2 CPU cores: README.md, \"Worked example\")."
   "$PY" -m training.run --cfg D
   if ! "$PY" -m vgg.store --check >/dev/null 2>&1; then
     echo "error: training finished but registered no 'vgg' model; export one with" \
