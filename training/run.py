@@ -190,6 +190,26 @@ def main(args: argparse.Namespace) -> int:
     if source is not None:
         stats = finetune.source_stats(stats, source)
     training, start_epoch = start_training(config, runtime, splits, stats, resume_state, source)
+    log_start(training, splits)
+    if runtime.is_main:
+        training.out.mkdir(parents=True, exist_ok=True)
+        config_json = {**config.to_dict(), "init_used": training.init}
+        (training.out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    best_top1 = run_epochs(training, make_loaders(config, splits, stats, runtime), start_epoch)
+    if runtime.is_main:
+        log.info("done: best val top-1 %.2f%% (FiveCrop); run directory %s", 100 * best_top1, training.out)
+        if demo:
+            log.info("DEMO: %s", DEMO_HINT)
+        if config.export:
+            export_best(training.out / "best.pt")
+    if runtime.distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+def log_start(training: Training, splits: datasets.Splits) -> None:
+    """What is trained on what, how, and with which recipe."""
+    config, runtime = training.config, training.runtime
     log.info(
         "VGG-%s%s, %d classes, %d train / %d val images from %s",
         config.cfg,
@@ -216,20 +236,6 @@ def main(args: argparse.Namespace) -> int:
         config.weight_decay,
         config.dropout,
     )
-    if runtime.is_main:
-        training.out.mkdir(parents=True, exist_ok=True)
-        config_json = {**config.to_dict(), "init_used": training.init}
-        (training.out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-    best_top1 = run_epochs(training, make_loaders(config, splits, stats, runtime), start_epoch)
-    if runtime.is_main:
-        log.info("done: best val top-1 %.2f%% (FiveCrop); run directory %s", 100 * best_top1, training.out)
-        if demo:
-            log.info("DEMO: %s", DEMO_HINT)
-        if config.export:
-            export_best(training.out / "best.pt")
-    if runtime.distributed:
-        dist.destroy_process_group()
-    return 0
 
 
 def load_config(
