@@ -28,8 +28,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from training import data as datasets
+from training.config import UsageError
+from training.distributed import resolve_device
 from training.epoch import network_fn, progress_bar, topk_correct
-from training.run import UsageError, resolve_device
 from vgg import protocols
 from vgg.checkpoint import CheckpointError, load_any, model_from_checkpoint, read_labels
 from vgg.dense import to_dense
