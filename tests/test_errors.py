@@ -110,5 +110,7 @@ def test_export_errors_with_empty_messages(monkeypatch):
     monkeypatch.setattr(core, "InferenceGraph", lambda *a, **k: None)
     with pytest.raises(core.ExportError, match=r"torch.onnx export failed: Silent$"):
         core._export_graph(
-            SimpleNamespace(model=None, mean=None, std=None, crop=1, test_scale=1, test_scales=None), tta="five", half=False
+            SimpleNamespace(model=None, mean=None, std=None, crop=1, test_scale=1, test_scales=None),
+            tta="five",
+            half=False,
         )

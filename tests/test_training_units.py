@@ -28,6 +28,7 @@ from training.lr import PlateauState, plateau_step
 from training.resume import resumed_config, training_checkpoint
 from training.rng import rng_state, set_rng_state
 from training.run import config_from_args, get_args_parser
+from training.setup import build_model
 from training.transforms import (
     EvalPreset,
     PCALighting,
@@ -565,7 +566,7 @@ def test_build_model_pre_initialises_from_a_trained_net_a(tmp_path):
     }
     save_checkpoint(checkpoint, tmp_path / "a.pt")
     config = TrainConfig(cfg="D", fc_width=16, init_from=str(tmp_path / "a.pt"))
-    model, init = training_run.build_model(config, num_classes=3)
+    model, init = build_model(config, num_classes=3)
     assert "first 4 convs and 3 FC layers" in init
     assert torch.equal(model.features[0].weight, source.features[0].weight)
     assert torch.equal(model.classifier[-1].weight, source.classifier[-1].weight)
