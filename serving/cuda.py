@@ -22,6 +22,8 @@ import logging
 import os
 from pathlib import Path
 
+from vgg.errors import one_line
+
 __all__ = ["preload_cuda_libraries", "cuda_problem", "cuda_device_count", "PROBE_MODEL"]
 
 logger = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ def _missing_provider_dependency() -> str | None:
         try:
             ctypes.CDLL(soname)
         except OSError as error:
-            return str(error).splitlines()[0] if str(error) else soname
+            return one_line(error) if str(error).strip() else soname
     return None
 
 
