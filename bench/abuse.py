@@ -1,8 +1,8 @@
 """Abuse benchmark: is an ordinary client still served while others attack, and does the
 worker's memory come back? Loopback only, every loop bounded in time.
 
-Against one ``bentoml serve`` (default settings, a small VGG-A from ``bench/serve.py --tiny``,
-or ``--model``), one ordinary client sends a photo to ``POST /classify`` one request at a
+Against one ``bentoml serve`` (default settings; ``bench/serve.py``'s tiny VGG-A, served as int8
+on a CPU by default, or ``--model``), one ordinary client sends a photo to ``POST /classify`` one request at a
 time, in four phases:
 
 1. ``alone``: nobody else;
@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
-from bench.serve import tiny_model  # noqa: E402
+from bench.serve import synthetic_model  # noqa: E402
 
 PHOTOS = REPO_ROOT.parent / "shared" / "data" / "photos"
 ABUSERS = 4
@@ -200,19 +200,17 @@ def stalls(port: int, hold_s: float) -> Callable[[float, collections.Counter], l
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="store tag or .onnx path (default: a small VGG-A exported now)")
+    parser.add_argument("--model", default=None, help="store tag or .onnx path (default: a tiny VGG-A exported now)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     photo = ordinary_photo()
     with tempfile.TemporaryDirectory(prefix="vgg-abuse-") as scratch:
-        model = args.model or str(tiny_model(Path(scratch)))
-        env = {
-            **os.environ,
-            "VGG_MODEL": model,
-            "BENTOML_DO_NOT_TRACK": "True",
-            "BENTOML_HOME": os.environ.get("BENTOML_HOME", str(Path(scratch) / "bentoml")),
-        }
+        os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+        if args.model is None:  # a small VGG-A (fp32 + int8) in a temporary store
+            os.environ["BENTOML_HOME"] = str(Path(scratch) / "bentoml")
+        model = args.model or synthetic_model("tiny", Path(scratch))
+        env = {**os.environ, "VGG_MODEL": model}
         port = free_port()
         with running_server(
             bentoml_serve_command(port), port=port, env=env, log_path=Path(scratch) / "server.log", timeout_s=300
@@ -222,8 +220,10 @@ def main() -> int:
                 httpx.post(f"{url}/classify", files={"image": ("photo.jpg", photo)}, timeout=60)
             time.sleep(SETTLE_S)
             idle = worker_rss_mb(server)
+            served = httpx.get(f"{url}/model", timeout=30).json()
             print(
-                f"# idle worker RSS {idle:.0f} MB; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                f"# {served['tag']} ({served['cfg']}, Q {served['test_scale']}, {served['precision']} on "
+                f"{served['provider']}); idle worker RSS {idle:.0f} MB; {platform.machine()}, {os.cpu_count()} CPUs",
                 flush=True,
             )
             results = [
