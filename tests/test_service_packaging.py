@@ -214,7 +214,7 @@ def test_require_gpu_refuses_the_cpu(tmp_path) -> None:
     result = start_failure(tmp_path, VGG_REQUIRE_GPU="1")
     assert result.returncode != 0
     output = (result.stdout + result.stderr).strip()
-    assert len(output.splitlines()) == 1 and "VGG_REQUIRE_GPU=1 but no usable GPU" in output, output
+    assert len(output.splitlines()) == 1 and "VGG_REQUIRE_GPU=1 but the GPU is not usable: " in output, output
 
 
 # ---------------------------------------------------------------- settings
