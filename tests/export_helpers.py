@@ -86,10 +86,10 @@ def write_colour_folder(root: Path, *, per_class: int, seed: int = 0) -> Path:
     return root
 
 
-def train_on_folder(root: Path, *, steps: int = 12, seed: int = 0) -> vgg.VGG:
+def train_on_folder(root: Path, *, steps: int = 40, seed: int = 0) -> vgg.VGG:
     """A VGG-A with BatchNorm (light head) trained a few steps on ``write_colour_folder`` images.
 
-    BatchNorm (cumulative running statistics) and Adam make a dozen steps enough to
+    BatchNorm (cumulative running statistics) and Adam make a few dozen steps enough to
     separate the colour classes; plain VGG-A would need hundreds.
     """
     torch.manual_seed(seed)
