@@ -61,13 +61,18 @@ def _ort_cuda_major() -> str | None:
 
 
 def _nvidia_library_dirs() -> list[Path]:
-    """Every ``nvidia/**/lib`` folder of the namespace package ``nvidia`` on ``sys.path``."""
+    """Every ``nvidia/**/lib`` folder of the namespace package ``nvidia`` on ``sys.path``, in
+    ``sys.path`` order: where two site-packages hold the same library, the one Python would
+    import from first wins, as it would for a module."""
     try:
         spec = importlib.util.find_spec("nvidia")
     except (ImportError, ValueError):
         return []
     roots = list(spec.submodule_search_locations or []) if spec else []
-    return sorted({Path(lib) for root in roots for lib in glob.glob(os.path.join(root, "**", "lib"), recursive=True)})
+    folders = (
+        Path(lib) for root in roots for lib in sorted(glob.glob(os.path.join(root, "**", "lib"), recursive=True))
+    )
+    return list(dict.fromkeys(folders))
 
 
 @functools.cache

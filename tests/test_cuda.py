@@ -130,6 +130,37 @@ def test_preload_finds_pip_installed_libraries_on_sys_path(tmp_path, monkeypatch
     assert ours.index("libcublasLt.so.13") < ours.index("libcublas.so.13")
 
 
+def test_preload_takes_a_library_from_the_first_site_packages_on_sys_path(tmp_path, monkeypatch):
+    """Two site-packages holding the same library: the one earlier on ``sys.path`` is loaded,
+    whatever the folders' names (here the later one sorts first)."""
+    real_library = next(
+        Path(p)
+        for p in ("/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib64/libz.so.1")
+        if Path(p).exists()
+    )
+    first, later = tmp_path / "z-first", tmp_path / "a-later"
+    for site in (first, later):
+        lib = site / "nvidia" / "cu13" / "lib"
+        lib.mkdir(parents=True)
+        shutil.copy(real_library, lib / "libcurand.so.10")
+    loaded_paths: list[str] = []
+    real_cdll = ctypes.CDLL
+
+    def recording_cdll(name, **kwargs):
+        loaded_paths.append(str(name))
+        return real_cdll(name, **kwargs)
+
+    monkeypatch.setattr(sys, "path", [str(first), str(later), *sys.path])
+    monkeypatch.setattr(ctypes, "CDLL", recording_cdll)
+    monkeypatch.setattr(cuda_module, "_ort_cuda_major", lambda: "13")
+    for key in [key for key in sys.modules if key == "nvidia" or key.startswith("nvidia.")]:
+        monkeypatch.delitem(sys.modules, key)
+    assert "libcurand.so.10" in cuda_module.preload_cuda_libraries.__wrapped__()
+    curand = [path for path in loaded_paths if path.endswith("libcurand.so.10")]
+    assert curand[0] == str(first / "nvidia" / "cu13" / "lib" / "libcurand.so.10")
+    assert not any(path.startswith(str(later)) for path in loaded_paths)
+
+
 def test_without_a_gpu_the_probe_says_why_in_one_line():
     if cuda_module.cuda_device_count() > 0:
         pytest.skip("this machine has a GPU")
