@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
+from bench import agreement
 from export import ExportError, export_checkpoint
 from export.check import image_files, load_graph_inputs, run_onnx, session
 from tests.export_helpers import CLASS_COLOURS, SCALE, train_on_folder, write_checkpoint, write_colour_folder
@@ -64,6 +68,35 @@ def test_int8_agrees_with_fp32_and_is_registered(trained):
     images = load_graph_inputs(files_by_class, test_scale=SCALE)
     int8 = run_onnx(session(files["int8"]), images)
     assert (int8.argmax(axis=1) == labels).mean() >= 0.9
+
+    # bench/agreement.py, which runs the graphs as the service does, reports what raw sessions give.
+    every = image_files(root / "train")
+    truth = np.array([list(CLASS_COLOURS).index(p.parent.name) for p in every])
+    images = load_graph_inputs(every, test_scale=SCALE)
+    fp32, int8 = (run_onnx(session(files[p]), images).argmax(axis=1) for p in ("fp32", "int8"))
+    report_path = checkpoint.parent / "agreement.json"
+    assert agreement.main(["--model", str(entry.tag), "--images", str(root / "train"), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["images"] == len(every)
+    assert report["graphs"]["fp32"]["top1_accuracy"] == pytest.approx((fp32 == truth).mean())
+    assert report["graphs"]["int8"]["top1_accuracy"] == pytest.approx((int8 == truth).mean())
+    assert report["graphs"]["int8"]["agreement"] == pytest.approx((fp32 == int8).mean())
+    assert report["graphs"]["int8"]["disagreements"] == int((fp32 != int8).sum())
+    # --limit spreads over the folder (all classes); folder names that are not labels give no accuracy.
+    assert (
+        agreement.main(["--model", str(entry.tag), "--images", str(root), "--limit", "6", "--json", str(report_path)])
+        == 0
+    )
+    report = json.loads(report_path.read_text())
+    assert report["images"] == 6 and report["graphs"]["fp32"]["top1_accuracy"] is not None
+    unlabelled = checkpoint.parent / "unlabelled"
+    unlabelled.mkdir()
+    for path in every[:3]:
+        shutil.copy(path, unlabelled / path.name)
+    assert agreement.main(["--model", str(entry.tag), "--images", str(unlabelled), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["images"] == 3 and report["graphs"]["fp32"]["top1_accuracy"] is None
+    assert agreement.main(["--model", str(entry.tag), "--images", str(root / "nowhere")]) == 2
 
 
 @pytest.mark.slow
