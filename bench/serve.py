@@ -45,6 +45,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.agreement import image_files  # noqa: E402
 from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
 from serving.engine import Engine, EngineError, ModelFiles, resolve_model  # noqa: E402
 from vgg.preprocessing import load_graph_input  # noqa: E402
@@ -79,11 +80,11 @@ class Result:
 
 
 def load_payloads(folder: Path | None, count: int) -> list[bytes]:
-    """JPEG bytes: the first ``count`` images of ``folder`` (default: imagenette's training
-    images when present), else generated noise photos."""
+    """Image bytes: ``count`` images spread evenly over ``folder`` in name order (so over all its
+    class folders; default: imagenette's training images when present), else generated noise photos."""
     folder = folder or (IMAGENETTE / "train" if IMAGENETTE.is_dir() else None)
     if folder is not None:
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))[:count]
+        files = image_files(folder, count)
         if files:
             return [p.read_bytes() for p in files]
     import io

@@ -96,21 +96,18 @@ def test_a_missing_provider_library_is_named(monkeypatch):
     )
 
 
-def test_preload_finds_pip_installed_libraries_on_sys_path(tmp_path, monkeypatch):
-    """A site-packages folder that is not ORT's own (``pip install --target``) is searched too:
-    its ``nvidia/*/lib`` libraries are loaded by full path, cuBLASLt before cuBLAS."""
-    real_library = next(
+def _real_library() -> Path:
+    """A real shared library to copy under CUDA's names (``ctypes`` loads it for real)."""
+    return next(
         Path(p)
         for p in ("/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib64/libz.so.1")
         if Path(p).exists()
     )
-    lib = tmp_path / "site" / "nvidia" / "cu13" / "lib"
-    cudnn = tmp_path / "site" / "nvidia" / "cudnn" / "lib"
-    lib.mkdir(parents=True)
-    cudnn.mkdir(parents=True)
-    for name in ("libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcusparse.so.12"):
-        shutil.copy(real_library, lib / name)
-    shutil.copy(real_library, cudnn / "libcudnn.so.9")
+
+
+def _preload_from(monkeypatch, sites: list[Path]) -> tuple[tuple[str, ...], list[str]]:
+    """Run the preloader with ``sites`` first on ``sys.path`` and ORT built for CUDA 13: the
+    names it reports loaded, and every path handed to ``ctypes.CDLL``, in order."""
     loaded_paths: list[str] = []
     real_cdll = ctypes.CDLL
 
@@ -118,12 +115,25 @@ def test_preload_finds_pip_installed_libraries_on_sys_path(tmp_path, monkeypatch
         loaded_paths.append(str(name))
         return real_cdll(name, **kwargs)
 
-    monkeypatch.setattr(sys, "path", [str(tmp_path / "site"), *sys.path])
+    monkeypatch.setattr(sys, "path", [*map(str, sites), *sys.path])
     monkeypatch.setattr(ctypes, "CDLL", recording_cdll)
     monkeypatch.setattr(cuda_module, "_ort_cuda_major", lambda: "13")
     for key in [key for key in sys.modules if key == "nvidia" or key.startswith("nvidia.")]:
         monkeypatch.delitem(sys.modules, key)
-    loaded = cuda_module.preload_cuda_libraries.__wrapped__()
+    return cuda_module.preload_cuda_libraries.__wrapped__(), loaded_paths
+
+
+def test_preload_finds_pip_installed_libraries_on_sys_path(tmp_path, monkeypatch):
+    """A site-packages folder that is not ORT's own (``pip install --target``) is searched too:
+    its ``nvidia/*/lib`` libraries are loaded by full path, cuBLASLt before cuBLAS."""
+    lib = tmp_path / "site" / "nvidia" / "cu13" / "lib"
+    cudnn = tmp_path / "site" / "nvidia" / "cudnn" / "lib"
+    lib.mkdir(parents=True)
+    cudnn.mkdir(parents=True)
+    for name in ("libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcusparse.so.12"):
+        shutil.copy(_real_library(), lib / name)
+    shutil.copy(_real_library(), cudnn / "libcudnn.so.9")
+    loaded, loaded_paths = _preload_from(monkeypatch, [tmp_path / "site"])
     assert {"libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcudnn.so.9"} <= set(loaded)
     assert "libcusparse.so.12" not in loaded  # only what the provider needs
     ours = [Path(path).name for path in loaded_paths if path.startswith(str(tmp_path))]
@@ -133,29 +143,13 @@ def test_preload_finds_pip_installed_libraries_on_sys_path(tmp_path, monkeypatch
 def test_preload_takes_a_library_from_the_first_site_packages_on_sys_path(tmp_path, monkeypatch):
     """Two site-packages holding the same library: the one earlier on ``sys.path`` is loaded,
     whatever the folders' names (here the later one sorts first)."""
-    real_library = next(
-        Path(p)
-        for p in ("/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib64/libz.so.1")
-        if Path(p).exists()
-    )
     first, later = tmp_path / "z-first", tmp_path / "a-later"
     for site in (first, later):
         lib = site / "nvidia" / "cu13" / "lib"
         lib.mkdir(parents=True)
-        shutil.copy(real_library, lib / "libcurand.so.10")
-    loaded_paths: list[str] = []
-    real_cdll = ctypes.CDLL
-
-    def recording_cdll(name, **kwargs):
-        loaded_paths.append(str(name))
-        return real_cdll(name, **kwargs)
-
-    monkeypatch.setattr(sys, "path", [str(first), str(later), *sys.path])
-    monkeypatch.setattr(ctypes, "CDLL", recording_cdll)
-    monkeypatch.setattr(cuda_module, "_ort_cuda_major", lambda: "13")
-    for key in [key for key in sys.modules if key == "nvidia" or key.startswith("nvidia.")]:
-        monkeypatch.delitem(sys.modules, key)
-    assert "libcurand.so.10" in cuda_module.preload_cuda_libraries.__wrapped__()
+        shutil.copy(_real_library(), lib / "libcurand.so.10")
+    loaded, loaded_paths = _preload_from(monkeypatch, [first, later])
+    assert "libcurand.so.10" in loaded
     curand = [path for path in loaded_paths if path.endswith("libcurand.so.10")]
     assert curand[0] == str(first / "nvidia" / "cu13" / "lib" / "libcurand.so.10")
     assert not any(path.startswith(str(later)) for path in loaded_paths)
