@@ -1,5 +1,5 @@
-"""Shared fixtures: the optional real data set and an empty BentoML model store per test;
-tests marked ``gpu`` skip without a CUDA GPU.
+"""Shared fixtures: the optional real data set, a tiny training folder, and an empty BentoML
+model store per test; tests marked ``gpu`` skip without a CUDA GPU.
 
 BentoML reads ``$BENTOML_HOME`` once per process, so the whole test run gets one temporary
 home, set before any test imports BentoML (never the user's ``~/bentoml``); the
@@ -40,6 +40,19 @@ def imagenette_train() -> Path:
     if not train.is_dir():
         pytest.skip(f"real data not found at {train} (shared/data/imagenette is optional)")
     return train
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """A training folder for the tiny runs (``tests.training_helpers.TINY_TRAINING``): three
+    classes of generated shapes, 32 training images each (6 steps of 16 per epoch) and a
+    ``val/`` folder of 4 each."""
+    from tests.training_helpers import write_folder
+
+    root = tmp_path / "data"
+    write_folder(root / "train", {"disc": 32, "square": 32, "triangle": 32}, size=40)
+    write_folder(root / "val", {"disc": 4, "square": 4, "triangle": 4}, size=40)
+    return root
 
 
 def _empty_model_store(home: Path) -> None:

@@ -14,8 +14,7 @@ import pytest
 
 from serving import cuda as cuda_module
 from serving.engine import EngineError, check_model
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT, repo_env
 
 
 def test_the_probe_model_is_what_onnx_writes():
@@ -171,9 +170,8 @@ def test_cuda_session_without_torch_in_the_process():
         "import sys; from serving.cuda import cuda_problem; problem = cuda_problem(); "
         "assert 'torch' not in sys.modules; print(problem)"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "None", result.stdout + result.stderr[-2000:]

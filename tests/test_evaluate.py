@@ -4,9 +4,6 @@ models, ensembles, class-name matching, bad input, and training's own validation
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +13,13 @@ from PIL import Image
 
 import vgg
 from tests.export_helpers import CROP, MEAN, STD, peaky_model, write_checkpoint
-from tests.training_helpers import dense_probabilities_by_hand, write_folder
+from tests.helpers import repo_env, run_module
+from tests.training_helpers import TINY_TRAINING, dense_probabilities_by_hand, write_folder
 from training import data as datasets
 from training import evaluate as ev
 from vgg.checkpoint import load_checkpoint
 from vgg.preprocessing import open_rgb, resize_shortest_side, to_graph_input
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "fish"]
 
 
@@ -289,32 +286,9 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, checkpoint, capsys, case)
 
 
 TRAIN = [
-    "--cfg",
-    "A",
-    "--fc-width",
-    "32",
-    "--scale",
-    "36",
-    "44",
-    "--crop",
-    "32",
-    "--batch-size",
-    "16",
-    "--stats-images",
-    "50",
-    "--no-amp",
-    "--workers",
-    "0",
-    "--no-export",
-    "--batch-norm",
-    "--init",
-    "kaiming",
-    "--lr",
-    "0.05",
-    "--dropout",
-    "0",
-    "--epochs",
-    "2",
+    *TINY_TRAINING,
+    *("--scale", "36", "44", "--no-amp", "--batch-norm", "--init", "kaiming", "--lr", "0.05", "--dropout", "0"),
+    *("--epochs", "2"),
 ]
 
 
@@ -325,36 +299,15 @@ def test_evaluate_reproduces_training_validation_and_reports_every_protocol(tmp_
     write_folder(data / "train", classes, size=40)
     write_folder(data / "val", {name: 4 for name in classes}, size=40)
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "VGG_CACHE": str(tmp_path / "cache")}
-    trained = subprocess.run(
-        [sys.executable, "-m", "training.run", *TRAIN, "--data", str(data), "--out", str(run)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    env = repo_env(VGG_CACHE=str(tmp_path / "cache"))
+    trained = run_module("training.run", *TRAIN, "--data", str(data), "--out", str(run), env=env, timeout=900)
     assert trained.returncode == 0, trained.stderr[-2000:]
     report = tmp_path / "report.json"
-    evaluated = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "training.evaluate",
-            "--checkpoint",
-            str(run / "last.pt"),
-            "--data",
-            str(data),
-            "--protocol",
-            "center",
-            "five",
-            "--json",
-            str(report),
-        ],
-        cwd=REPO_ROOT,
+    evaluated = run_module(
+        "training.evaluate",
+        *("--checkpoint", str(run / "last.pt"), "--data", str(data), "--protocol", "center", "five"),
+        *("--json", str(report)),
         env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]

@@ -12,11 +12,10 @@ import torch
 
 from export.__main__ import main
 from tests.export_helpers import peaky_model, write_checkpoint
+from tests.helpers import repo_env
 from vgg import store
 
 pytestmark = pytest.mark.usefixtures("bentoml_home")  # a fresh model store per test
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class RunsCode:
@@ -93,11 +92,10 @@ def test_bad_checkpoint_one_line_exit_2_nothing_registered(tmp_path, capsys, cas
 @pytest.mark.slow
 def test_code_pickle_refused_by_the_real_cli(tmp_path):
     path = _code_pickle(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
         [sys.executable, "-m", "export", "--checkpoint", str(path)],
         cwd=tmp_path,
-        env=env,
+        env=repo_env(),
         capture_output=True,
         text=True,
         timeout=120,

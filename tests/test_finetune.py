@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import vgg
-from tests.training_helpers import write_folder
+from tests.training_helpers import TINY_RUN
 from training import finetune
 from training.config import TrainConfig
 from training.run import cli
@@ -20,32 +20,9 @@ from vgg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from vgg.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
 # A light VGG-A on 32x32 crops; the source state dicts below share its architecture.
-TINY = [
-    "--scale",
-    "36",
-    "--crop",
-    "32",
-    "--batch-size",
-    "16",
-    "--stats-images",
-    "20",
-    "--no-amp",
-    "--workers",
-    "0",
-    "--no-export",
-    "--epochs",
-    "1",
-]
+TINY = [*TINY_RUN, "--stats-images", "20", "--no-amp", "--epochs", "1"]
 FC_WIDTH = 32
 HEAD = {"classifier.6.weight", "classifier.6.bias"}
-
-
-@pytest.fixture
-def tiny_data(tmp_path) -> Path:
-    root = tmp_path / "data"
-    write_folder(root / "train", {"disc": 16, "square": 16, "triangle": 16}, size=40)
-    write_folder(root / "val", {"disc": 3, "square": 3, "triangle": 3}, size=40)
-    return root
 
 
 def source_state(*, cfg: str = "A", batch_norm: bool = True, num_classes: int = 5, seed: int = 7):

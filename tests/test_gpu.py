@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -25,30 +24,14 @@ import vgg
 from bench.launch import bentoml_serve_command, free_port, running_server
 from serving.engine import Engine, ModelFiles, resolve_model
 from tests.export_helpers import peaky_model, write_checkpoint
-from tests.training_helpers import write_folder
+from tests.helpers import REPO_ROOT, repo_env, run_module
+from tests.training_helpers import TINY_TRAINING
 from vgg.preprocessing import open_rgb, to_graph_input
 
 pytestmark = pytest.mark.gpu
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class_{index}" for index in range(10)]
-TINY = [
-    "--cfg",
-    "A",
-    "--fc-width",
-    "32",
-    "--scale",
-    "36",
-    "--crop",
-    "32",
-    "--batch-size",
-    "16",
-    "--stats-images",
-    "50",
-    "--workers",
-    "0",
-    "--no-export",
-]
+TINY = TINY_TRAINING  # with the bf16 autocast each test asks for
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +52,6 @@ def real_jpegs() -> list[Path]:
     if not files:
         pytest.skip(f"no JPEGs under {roots[0]}")
     return files
-
-
-def env_with_repo(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "BENTOML_DO_NOT_TRACK": "True", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -127,16 +105,9 @@ def test_service_on_the_gpu_answers_like_the_cpu_engine(checkpoint, graphs, real
     serves the fp16 graph on CUDA; its labels for real JPEGs are the CPU engine's (fp32)."""
     cpu = Engine(graphs, device="cpu", precision="fp32", intra_op_threads=2)
     expected = cpu.run(np.stack([to_graph_input(open_rgb(path), graphs.test_scale) for path in real_jpegs]))
-    env = env_with_repo(BENTOML_HOME=str(tmp_path / "bentoml"), VGG_REQUIRE_GPU="1" if device.type == "cuda" else "0")
+    env = repo_env(BENTOML_HOME=str(tmp_path / "bentoml"), VGG_REQUIRE_GPU="1" if device.type == "cuda" else "0")
     env.pop("VGG_MODEL", None)
-    exported = subprocess.run(
-        [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--precision", "fp16"],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    exported = run_module("export", "--checkpoint", str(checkpoint), "--precision", "fp16", env=env, timeout=600)
     assert exported.returncode == 0, exported.stderr[-2000:]
     port = free_port()
     log = tmp_path / "server.log"
@@ -180,24 +151,10 @@ def test_bf16_channels_last_training_steps_lower_the_loss(device):
     assert np.isfinite(stats.loss) and after < before
 
 
-@pytest.fixture
-def tiny_data(tmp_path) -> Path:
-    root = tmp_path / "data"
-    write_folder(root / "train", {"disc": 32, "square": 32, "triangle": 32}, size=40)
-    write_folder(root / "val", {"disc": 4, "square": 4, "triangle": 4}, size=40)
-    return root
-
-
 def run_training(args: list[str], tmp_path: Path, *, torchrun: bool = False) -> subprocess.CompletedProcess:
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
-        if torchrun
-        else [sys.executable]
-    )
-    env = env_with_repo(VGG_CACHE=str(tmp_path / "cache"), BENTOML_HOME=str(tmp_path / "bentoml"))
-    return subprocess.run(
-        [*launcher, "-m", "training.run", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    launcher = ("torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m") if torchrun else ()
+    env = repo_env(VGG_CACHE=str(tmp_path / "cache"), BENTOML_HOME=str(tmp_path / "bentoml"))
+    return run_module(*launcher, "training.run", *args, env=env, timeout=600)
 
 
 def test_torchrun_one_process_runs_an_epoch_with_a_process_group(tiny_data, tmp_path, device):

@@ -18,8 +18,6 @@ import html.parser
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -34,6 +32,7 @@ from starlette.routing import Route
 from bench.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
 from serving.page import PAGE_PATH, PageMiddleware, static_files
 from tests.export_helpers import peaky_model, write_checkpoint
+from tests.helpers import repo_env, run_module
 
 STATIC = REPO_ROOT / "serving" / "static"
 ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
@@ -191,15 +190,9 @@ def find_chromium() -> str:
 def server(tmp_path_factory) -> dict:
     """A 10-class VGG-A exported into a fresh BentoML home and served by ``bentoml serve``."""
     root = tmp_path_factory.mktemp("page")
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(root / "bentoml"),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "PYTHONPATH": str(REPO_ROOT),
-    }
+    env = repo_env(BENTOML_HOME=str(root / "bentoml"))
     checkpoint = write_checkpoint(root / "best.pt", peaky_model(num_classes=len(CLASSES)), classes=CLASSES)
-    command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--tta", "center"]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_module("export", "--checkpoint", str(checkpoint), "--tta", "center", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     port = free_port()
     log_path = root / "server.log"

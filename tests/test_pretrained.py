@@ -10,9 +10,7 @@ the label an ImageNet class name.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -26,6 +24,7 @@ from safetensors.torch import save_file
 from torchvision import transforms
 
 from bench.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
+from tests.helpers import repo_env, run_module
 from vgg.preprocessing import open_rgb, to_graph_input
 
 pytestmark = pytest.mark.slow
@@ -79,20 +78,10 @@ def torchvision_probs(model: torch.nn.Module, files: list[Path]) -> np.ndarray:
 
 
 def export(checkpoint: Path, *, home: Path, out: Path, register: bool) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "export",
-        "--checkpoint",
-        str(checkpoint),
-        "--tta",
-        "center",
-        "--out",
-        str(out),
-        *([] if register else ["--no-register"]),
-    ]
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    flags = ("--tta", "center", "--out", str(out), *([] if register else ["--no-register"]))
+    return run_module(
+        "export", "--checkpoint", str(checkpoint), *flags, env=repo_env(BENTOML_HOME=str(home)), timeout=900
+    )
 
 
 def assert_same_as_torchvision(probs: np.ndarray, expected: np.ndarray) -> None:
@@ -126,15 +115,8 @@ def served_vgg16_bn(tmp_path_factory, photos):
     home = root / "bentoml"
     result = export(weights, home=home, out=root / "vgg16_bn.onnx", register=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(home),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "PYTHONPATH": str(REPO_ROOT),
-        # a full VGG-16 on a 2-core CI machine: warm up batches of 1 and 2 only, and never shed load
-        "VGG_MAX_BATCH_SIZE": "2",
-        "VGG_MAX_LATENCY_MS": "600000",
-    }
+    # a full VGG-16 on a 2-core CI machine: warm up batches of 1 and 2 only, and never shed load
+    env = repo_env(BENTOML_HOME=str(home), VGG_MAX_BATCH_SIZE="2", VGG_MAX_LATENCY_MS="600000")
     env.pop("VGG_MODEL", None)
     port = free_port()
     with running_server(

@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -27,6 +24,7 @@ from bench.launch import REPO_ROOT, bentoml_serve_command, free_port, running_se
 from export.check import load_graph_inputs
 from serving.engine import Engine, EngineError, resolve_model, warm_up_sizes
 from tests.export_helpers import peaky_model, write_checkpoint
+from tests.helpers import repo_env, run_module
 from vgg.preprocessing import open_rgb, to_graph_input
 
 pytestmark = pytest.mark.slow
@@ -42,12 +40,7 @@ MAX_BATCH = 16
 
 
 def base_env(bentoml_home: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "BENTOML_HOME": str(bentoml_home),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-    }
+    return repo_env(BENTOML_HOME=str(bentoml_home))
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +50,9 @@ def exported(tmp_path_factory) -> dict:
     checkpoint = write_checkpoint(root / "best.pt", peaky_model(num_classes=len(CLASSES)), classes=CLASSES)
     onnx_path = root / "model.onnx"
     home = root / "bentoml"
-    command = [
-        sys.executable,
-        "-m",
-        "export",
-        "--checkpoint",
-        str(checkpoint),
-        "--tta",
-        "center",
-        "--out",
-        str(onnx_path),
-    ]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=base_env(home), capture_output=True, text=True, timeout=300)
+    result = run_module(
+        "export", "--checkpoint", str(checkpoint), "--tta", "center", "--out", str(onnx_path), env=base_env(home)
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     scale = session.get_inputs()[0].shape[1]

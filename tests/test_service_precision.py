@@ -9,7 +9,6 @@ equal ONNX Runtime run directly on the int8 file, and agree on top-1 with the fp
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -22,14 +21,15 @@ from export.check import image_files, load_graph_inputs, run_onnx, session
 from serving.engine import _cuda_usable
 from serving.workers import WarmBoard, cpu_threads, gpu_for_worker
 from tests.export_helpers import CLASS_COLOURS, SCALE, train_on_folder, write_checkpoint, write_colour_folder
+from tests.helpers import repo_env
 
 CALIBRATION = 24
 AGREEMENT = 60
 
 
 def env_for(home: Path, **variables: str) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("VGG_")}
-    return env | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True", "PYTHONPATH": str(REPO_ROOT)} | variables
+    env = {name: value for name, value in repo_env().items() if not name.startswith("VGG_")}
+    return env | {"BENTOML_HOME": str(home)} | variables
 
 
 @pytest.fixture(scope="module")

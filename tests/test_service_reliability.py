@@ -14,7 +14,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +25,7 @@ from PIL import Image
 
 from bench.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
 from tests.export_helpers import peaky_model, write_checkpoint
+from tests.helpers import repo_env, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -85,13 +85,7 @@ def small_jpeg(seed: int = 0) -> bytes:
 
 
 def base_env(home: Path, **variables: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "BENTOML_HOME": str(home),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "PYTHONPATH": str(REPO_ROOT),
-        **variables,
-    }
+    return repo_env(BENTOML_HOME=str(home), **variables)
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +93,7 @@ def exported(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("reliability")
     checkpoint = write_checkpoint(root / "best.pt", peaky_model(num_classes=len(CLASSES)), classes=CLASSES)
     home = root / "bentoml"
-    result = subprocess.run(
-        [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--tta", "center"],
-        cwd=REPO_ROOT,
-        env=base_env(home),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_module("export", "--checkpoint", str(checkpoint), "--tta", "center", env=base_env(home))
     assert result.returncode == 0, result.stderr[-2000:]
     return {"root": root, "home": home}
 
@@ -295,13 +282,8 @@ def test_livez_answers_during_a_long_warm_up_and_sigterm_ends_it(exported, tmp_p
     root = tmp_path / "big"
     checkpoint = write_checkpoint(root / "best.pt", peaky_model(num_classes=len(CLASSES)), classes=CLASSES)
     home = root / "bentoml"
-    export = subprocess.run(
-        [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--tta", "center", "--scale", "256"],
-        cwd=REPO_ROOT,
-        env=base_env(home),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    export = run_module(
+        "export", "--checkpoint", str(checkpoint), "--tta", "center", "--scale", "256", env=base_env(home), timeout=600
     )
     assert export.returncode == 0, export.stderr[-2000:]
     port = free_port()

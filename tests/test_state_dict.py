@@ -5,7 +5,6 @@ malformed file or mismatch."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import vgg
+from tests.helpers import run_module
 from vgg.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -28,7 +28,6 @@ from vgg.checkpoint import (
 )
 from vgg.preprocessing import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TORCHVISION_CFG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 
 
@@ -53,9 +52,7 @@ def write_state(state: dict, path: Path) -> Path:
 
 
 def convert_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vgg.checkpoint", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
-    )
+    return run_module("vgg.checkpoint", *args)
 
 
 # ---------------------------------------------------------------- inference of the configuration

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,60 +14,22 @@ import pytest
 import torch
 
 import vgg
-from tests.training_helpers import ddp_rank_with_unreadable_batch, tiny_net, write_folder
+from tests.helpers import REPO_ROOT, repo_env, run_module
+from tests.training_helpers import TINY_TRAINING, ddp_rank_with_unreadable_batch, tiny_net
 from training.history import METRIC_COLUMNS
 from training.run import cli
 from vgg.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# A tiny net and geometry: VGG-A with a light head on 32x32 crops.
-TINY = [
-    "--cfg",
-    "A",
-    "--fc-width",
-    "32",
-    "--scale",
-    "36",
-    "--crop",
-    "32",
-    "--batch-size",
-    "16",
-    "--stats-images",
-    "50",
-    "--no-amp",
-    "--workers",
-    "0",
-    "--no-export",
-]
-
-
-@pytest.fixture
-def tiny_data(tmp_path) -> Path:
-    """3 classes x 32 training images and a val/ folder: 6 steps of 16 per epoch."""
-    root = tmp_path / "data"
-    write_folder(root / "train", {"disc": 32, "square": 32, "triangle": 32}, size=40)
-    write_folder(root / "val", {"disc": 4, "square": 4, "triangle": 4}, size=40)
-    return root
+TINY = [*TINY_TRAINING, "--no-amp"]
 
 
 def run_env(tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "VGG_CACHE": str(tmp_path / "cache"),
-        "BENTOML_HOME": str(tmp_path / "bentoml"),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-    }
+    """A run's own caches: generated data and the BentoML store under ``tmp_path``."""
+    return repo_env(VGG_CACHE=str(tmp_path / "cache"), BENTOML_HOME=str(tmp_path / "bentoml"))
 
 
 def train(args: list[str], tmp_path: Path, *, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "training.run", *args],
-        cwd=REPO_ROOT,
-        env=run_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("training.run", *args, env=run_env(tmp_path), timeout=timeout)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -372,23 +333,9 @@ def test_demo_run_reaches_95_percent_and_registers_the_served_model(tmp_path):
     assert best["metrics"]["val_top1"] >= 0.95, best["history"]
     assert best["config"]["batch_size"] == 256 and best["config"]["lr"] == 0.01
     assert Path(best["config"]["data"], "train").is_dir()  # export's int8 calibration reads it
-    check = subprocess.run(
-        [sys.executable, "-m", "vgg.store", "--check"],
-        cwd=REPO_ROOT,
-        env=run_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    check = run_module("vgg.store", "--check", env=run_env(tmp_path), timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
-    shown = subprocess.run(
-        [sys.executable, "-m", "vgg.store"],
-        cwd=REPO_ROOT,
-        env=run_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    shown = run_module("vgg.store", env=run_env(tmp_path), timeout=120)
     metadata = json.loads(shown.stdout.split("\n", 1)[1])
     # Without a GPU the run adds the int8 graph the service serves on the CPU (after its agreement check).
     expected = ["fp32"] if torch.cuda.is_available() else ["fp32", "int8"]
@@ -405,22 +352,11 @@ def test_torchrun_resume_restores_each_ranks_own_rng(tmp_path, tiny_data):
     args = [*TINY, "--data", str(tiny_data), "--epochs", "2", "--dropout", "0", "--scale", "36", "44"]
 
     def torchrun(out: Path, *extra: str) -> None:
-        command = [
-            sys.executable,
-            "-m",
+        done = run_module(
             "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "training.run",
-            *args,
-            "--out",
-            str(out),
-            *extra,
-        ]
-        done = subprocess.run(
-            command, cwd=REPO_ROOT, env=run_env(tmp_path), capture_output=True, text=True, timeout=400
+            *("--standalone", "--nproc-per-node", "2", "-m", "training.run", *args, "--out", str(out), *extra),
+            env=run_env(tmp_path),
+            timeout=400,
         )
         assert done.returncode == 0, done.stderr[-3000:]
 

@@ -13,6 +13,24 @@ from torch import nn
 from training.demo import CLASSES, make_image
 from training.transforms import Stats
 
+# The training tests' geometry and run (``python -m training.run`` flags): 32x32 crops from
+# S = 36, batches of 16, no export; and their net, VGG-A with a 32-wide head. Flags given after
+# these win.
+TINY_RUN = [
+    "--scale",
+    "36",
+    "--crop",
+    "32",
+    "--batch-size",
+    "16",
+    "--stats-images",
+    "50",
+    "--workers",
+    "0",
+    "--no-export",
+]
+TINY_TRAINING = ["--cfg", "A", "--fc-width", "32", *TINY_RUN]
+
 
 def write_folder(root: Path, counts: dict[str, int], size: int = 40) -> None:
     """``root/<class>/<i>.png`` demo images, ``counts[class]`` of each."""
