@@ -10,6 +10,7 @@ import struct
 import pytest
 from PIL import Image
 
+from bench.abuse import gif_declaring
 from serving.admission import Budget
 from serving.guard import RequestGuard
 from serving.images import ApiError
@@ -36,14 +37,6 @@ def test_budget_hold_refuses_with_retry_after_and_releases():
                 pass
     assert error.value.status == 503 and error.value.retry_after >= 1 and "VGG_MAX_X" in error.value.message
     assert budget.in_use == 0
-
-
-def gif_declaring(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("P", (1, 1)).save(buffer, "GIF")
-    data = bytearray(buffer.getvalue())
-    data[6:10] = struct.pack("<HH", width, height)
-    return bytes(data)
 
 
 @pytest.mark.parametrize(

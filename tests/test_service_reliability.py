@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.abuse import gif_declaring
 from bench.launch import REPO_ROOT, bentoml_serve_command, free_port, running_server
 from tests.export_helpers import peaky_model, write_checkpoint
 from tests.helpers import repo_env, run_module
@@ -45,15 +46,6 @@ LIMITS = {
 
 
 # ---------------------------------------------------------------- files
-
-
-def gif_declaring(width: int, height: int) -> bytes:
-    """A valid 1x1 GIF whose logical screen says ``width x height``: Pillow decodes the whole screen."""
-    buffer = io.BytesIO()
-    Image.new("P", (1, 1)).save(buffer, "GIF")
-    data = bytearray(buffer.getvalue())
-    data[6:10] = struct.pack("<HH", width, height)
-    return bytes(data)
 
 
 def png_of(width: int, height: int) -> bytes:
