@@ -30,10 +30,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import bentoml
 import numpy as np
@@ -50,6 +49,7 @@ from serving.guard import RequestGuard
 from serving.images import ApiError, preprocess_upload
 from serving.memory import keep_large_buffers_mapped
 from serving.metrics import bound_endpoint_labels, inference_metrics
+from serving.ort_thread import OrtThread
 from serving.page import PAGE_PATH, PageMiddleware, page_url
 from serving.settings import Settings, SettingsError
 from serving.startup import check_start
@@ -112,29 +112,6 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
 
 
-async def in_daemon_thread(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` in a new daemon thread: an ONNX Runtime call cannot be interrupted,
-    and a daemon thread does not hold the worker's exit (SIGTERM during a long warm-up) until it
-    ends. The dispatcher keeps at most one batch in flight, so calls never overlap."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(result)
-
-    def target() -> None:
-        try:
-            outcome, failure = function(*args), None
-        except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
-            outcome, failure = None, error
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            loop.call_soon_threadsafe(settle, outcome, failure)
-
-    threading.Thread(target=target, name="vgg-ort", daemon=True).start()
-    return await future
-
-
 def served_test_scale() -> int | None:
     """The served model's test scale Q once this worker has loaded it (for the request guard)."""
     try:
@@ -192,6 +169,7 @@ class VGGClassifier:
         self._ready = False
         self._failure: str | None = None
         self._starting: asyncio.Task | None = None
+        self._ort = OrtThread()  # every ONNX Runtime call of this worker, one at a time
 
     @bentoml.on_startup
     async def start_in_background(self) -> None:
@@ -201,7 +179,7 @@ class VGGClassifier:
 
     async def _load_and_warm_up(self) -> None:
         try:
-            self.engine = await in_daemon_thread(
+            self.engine = await self._ort.run(
                 functools.partial(
                     load_engine,
                     require_gpu=self.settings.require_gpu,
@@ -231,7 +209,7 @@ class VGGClassifier:
         """Run every batch size the dispatcher will form, then train the dispatcher's latency
         model (with no latency limit: warm-up cannot fail on ``VGG_MAX_LATENCY_MS``)."""
         sizes = warm_up_sizes(self.settings.max_batch_size)
-        await in_daemon_thread(engine.warm_up, sizes)
+        await self._ort.run(engine.warm_up, sizes)
         blank = np.zeros((engine.test_scale, engine.test_scale, 3), dtype=np.uint8)
         with self._dispatcher.without_latency_limit():
             for _ in range(12):  # the dispatcher profiles its first calls one request at a time
@@ -285,7 +263,7 @@ class VGGClassifier:
         # A thread of its own: an inference never waits behind image decoding in the shared pool.
         engine = self.engine
         assert engine is not None, "inference before the engine is loaded"
-        probs = await in_daemon_thread(engine.run, batch)
+        probs = await self._ort.run(engine.run, batch)
         self.metrics.observe(len(images))
         return list(probs)
 
