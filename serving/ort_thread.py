@@ -3,9 +3,9 @@
 A daemon thread: an ONNX Runtime call cannot be interrupted, and a daemon thread does not hold
 the worker's exit (SIGTERM during a long warm-up) until the call ends. A long-lived one: the
 calling thread is one of ONNX Runtime's compute threads, and its per-thread scratch buffers
-stay allocated from one call to the next (a new thread per call made every call allocate them
-afresh: a few ms more per fp32 batch of VGG-D on a 2-core CPU). Calls run one at a time, in the
-order submitted; the batch dispatcher keeps at most one batch in flight anyway.
+stay allocated from one call to the next, where a new thread per call allocated them afresh
+every time (BENCHMARKS.md, "Serving"). Calls run one at a time, in the order submitted; the
+batch dispatcher keeps at most one batch in flight anyway.
 """
 
 from __future__ import annotations
