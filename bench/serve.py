@@ -12,7 +12,9 @@ level, ``--time-limit`` seconds at most) measures throughput and p50/p99 latency
                  (bench/naive_server.py), on the same graph file.
 
 The engine and service rows of a precision run back to back, and every ratio below comes
-from this one run. Targets: at c=32 the service reaches >= 0.90 of the engine's throughput for
+from this one run. Each row also gives the CPU time spent per image: ``cpu ms`` is the
+engine's process (decoding included) or the server's processes, ``client`` the load
+generator's own (this process, on the same machine: on a small CPU it competes with the server). Targets: at c=32 the service reaches >= 0.90 of the engine's throughput for
 each precision; at c=1 its p50 is at most 5 ms above the engine's; at c=32 the int8 service
 serves >= 3x the fp32 service's images/s on a CPU with AVX512-VNNI or AVX-VNNI (>= 1.8x
 without); with ``naive``, the service beats it at c=32. It also measures, in process and on
@@ -67,6 +69,8 @@ class Result:
     seconds: float
     latencies_ms: list[float]
     mean_batch: float | None = None  # the service's images per ONNX Runtime call
+    cpu_ms: float | None = None  # CPU time per image: the server's processes, or the engine's process
+    client_cpu_ms: float | None = None  # CPU time per request of the load generator (this process)
 
     @property
     def throughput(self) -> float:
@@ -202,15 +206,36 @@ def inference_batches(url: str) -> tuple[float, float]:
     return totals["sum"], totals["count"]
 
 
-def bench_http(name: str, precision: str, url: str, payloads: list[bytes], args: argparse.Namespace) -> list[Result]:
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` and its children."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def bench_http(
+    name: str, precision: str, url: str, server_pid: int, payloads: list[bytes], args: argparse.Namespace
+) -> list[Result]:
     results = []
     for concurrency in args.concurrency:
         warm = min(len(payloads), 2 * concurrency)
         asyncio.run(http_load(url, payloads, concurrency=concurrency, requests=warm, time_limit=args.time_limit))
         before = inference_batches(url) if name == "service" else None
+        server_cpu, client_cpu = process_tree_cpu_s(server_pid), time.process_time()
         result = asyncio.run(
             http_load(url, payloads, concurrency=concurrency, requests=args.requests, time_limit=args.time_limit)
         )
+        done = max(result.completed + result.errors, 1)
+        result.cpu_ms = (process_tree_cpu_s(server_pid) - server_cpu) / done * 1000
+        result.client_cpu_ms = (time.process_time() - client_cpu) / done * 1000
         if before is not None:
             images, calls = (after - earlier for after, earlier in zip(inference_batches(url), before, strict=True))
             result.mean_batch = images / calls if calls else float("nan")
@@ -230,7 +255,7 @@ def bench_engine(engine: Engine, payloads: list[bytes], args: argparse.Namespace
         for concurrency in args.concurrency:
             engine.warm_up([concurrency])
             latencies, done, index = [], 0, 0
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             deadline = started + args.time_limit
             while done < args.requests and time.perf_counter() < deadline:
                 size = min(concurrency, args.requests - done)
@@ -242,6 +267,7 @@ def bench_engine(engine: Engine, payloads: list[bytes], args: argparse.Namespace
                 done += size
                 index += size
             result = Result("engine", engine.precision, concurrency, done, 0, time.perf_counter() - started, latencies)
+            result.cpu_ms = (time.process_time() - cpu) / max(done, 1) * 1000
             results.append(result)
             print_row(result)
     return results
@@ -342,6 +368,8 @@ def print_row(result: Result) -> None:
     print(
         f"{result.target:8s} {result.precision:5s} {result.concurrency:4d} {result.completed:6d} {result.errors:6d} "
         f"{result.throughput:10.1f} {result.percentile(50):9.1f} {result.percentile(99):9.1f}"
+        + (f" {result.cpu_ms:8.1f}" if result.cpu_ms is not None else "")
+        + (f" {result.client_cpu_ms:8.1f}" if result.client_cpu_ms is not None else "")
         + (f"  (mean batch {result.mean_batch:.1f})" if result.mean_batch is not None else ""),
         flush=True,
     )
@@ -455,8 +483,8 @@ def run_servers(
             continue
         port = free_port()
         log = (args.log_dir or workdir) / f"{name}-{precision}.log"
-        with running_server(command(port), port=port, env=env, log_path=log, timeout_s=600) as (url, _):
-            results += bench_http(name, precision, url, payloads, args)
+        with running_server(command(port), port=port, env=env, log_path=log, timeout_s=600) as (url, process):
+            results += bench_http(name, precision, url, process.pid, payloads, args)
     return results
 
 
@@ -496,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
             f"reading one /classify request (in process): one parse {parsing[1]:.2f} ms, two parses "
             f"{parsing[2]:.2f} ms: {parsing[2] - parsing[1]:.2f} ms saved per request"
         )
-        columns = ("done", "errors", "images/s", "p50 ms", "p99 ms")
-        widths = (6, 6, 10, 9, 9)
+        columns = ("done", "errors", "images/s", "p50 ms", "p99 ms", "cpu ms", "client")
+        widths = (6, 6, 10, 9, 9, 8, 8)
         print(
             f"{'target':8s} {'prec':5s} {'c':>4s} "
             + " ".join(f"{n:>{w}s}" for n, w in zip(columns, widths, strict=True))
@@ -529,6 +557,8 @@ def row_dict(result: Result) -> dict:
         "p50_ms": round(result.percentile(50), 2),
         "p99_ms": round(result.percentile(99), 2),
         "mean_batch": None if result.mean_batch is None else round(result.mean_batch, 2),
+        "cpu_ms_per_image": None if result.cpu_ms is None else round(result.cpu_ms, 2),
+        "client_cpu_ms_per_request": None if result.client_cpu_ms is None else round(result.client_cpu_ms, 2),
     }
 
 
