@@ -14,8 +14,9 @@ level, ``--time-limit`` seconds at most) measures throughput and p50/p99 latency
 The engine and service rows of a precision run back to back, and every ratio below comes
 from this one run. Each row also gives the CPU time spent per image: ``cpu ms`` is the
 engine's process (decoding included) or the server's processes, ``client`` the load
-generator's own (this process, on the same machine: on a small CPU it competes with the server). Targets: at c=32 the service reaches >= 0.90 of the engine's throughput for
-each precision; at c=1 its p50 is at most 5 ms above the engine's; at c=32 the int8 service
+generator's own (this process, on the same machine: on a small CPU it competes with the
+server). Targets: at c=32 the service reaches >= 0.90 of the engine's throughput for each
+precision; at c=1 its p50 is at most 5 ms above the engine's; at c=32 the int8 service
 serves >= 3x the fp32 service's images/s on a CPU with AVX512-VNNI or AVX-VNNI (>= 1.8x
 without); with ``naive``, the service beats it at c=32. It also measures, in process and on
 the same payloads, what reading a request costs with one multipart parse (the request
