@@ -251,10 +251,9 @@ class VGGClassifier:
         )
 
     def describe(self) -> dict:
-        """What is served: the engine's model and precision, and the number of workers."""
-        if self.engine is None:
-            raise self._not_serving()
-        return {**self.engine.describe(), "workers": self.workers}
+        """What is served: the engine's model and precision, and the number of workers. Like the
+        APIs, a 503 with ``Retry-After`` until this worker is warm (the answer is then final)."""
+        return {**self._serving_engine().describe(), "workers": self.workers}
 
     async def infer_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The one batchable inference method: ``[Q, Q, 3]`` uint8 images -> probabilities,

@@ -80,6 +80,13 @@ function showModel(model) {
 async function loadModel() {
   try {
     const response = await fetch("model", { headers: { accept: "application/json" } });
+    const retryAfter = Number(response.headers.get("retry-after"));
+    if (response.status === 503 && retryAfter > 0) {
+      // Warming up: say so, and ask again when the server says to.
+      $("model-status").textContent = await errorText(response);
+      setTimeout(loadModel, 1000 * Math.min(retryAfter, 60));
+      return;
+    }
     if (!response.ok) throw new Error(await errorText(response));
     showModel(await response.json());
   } catch (error) {
