@@ -28,17 +28,18 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from export import check  # noqa: E402
 from serving.engine import Engine, EngineError, ModelFiles, resolve_model  # noqa: E402
 from vgg.preprocessing import ImageDecodeError, load_graph_input  # noqa: E402
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TARGET_AGREEMENT = 0.99
 BATCH = 16
 
 
 def image_files(folder: Path, limit: int | None) -> list[Path]:
-    """Image files under ``folder`` in name order, spread evenly over it when ``limit`` is smaller."""
-    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+    """The images under ``folder`` (:func:`export.check.image_files`) in name order, ``limit``
+    of them spread evenly over it (so over all its class folders) when there are more."""
+    files = sorted(check.image_files(folder))
     if limit is not None and len(files) > limit:
         files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
     return files

@@ -48,7 +48,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench.agreement import image_files  # noqa: E402
+from bench import agreement  # noqa: E402
 from bench.launch import bentoml_serve_command, free_port, running_server  # noqa: E402
 from serving.engine import Engine, EngineError, ModelFiles, resolve_model  # noqa: E402
 from vgg.preprocessing import load_graph_input  # noqa: E402
@@ -89,7 +89,7 @@ def load_payloads(folder: Path | None, count: int) -> list[bytes]:
     class folders; default: imagenette's training images when present), else generated noise photos."""
     folder = folder or (IMAGENETTE / "train" if IMAGENETTE.is_dir() else None)
     if folder is not None:
-        files = image_files(folder, count)
+        files = agreement.image_files(folder, count)
         if files:
             return [p.read_bytes() for p in files]
     import io
@@ -421,8 +421,8 @@ def int8_agreement(files: ModelFiles, payloads: list[bytes]) -> float | None:
     if not {"fp32", "int8"} <= set(files.graphs):
         return None
     images = np.stack([load_graph_input(data, files.test_scale) for data in payloads])
-    top1 = [Engine(files, device="cpu", precision=p).run(images).argmax(axis=1) for p in ("fp32", "int8")]
-    return float((top1[0] == top1[1]).mean())
+    fp32, int8 = (agreement.probabilities(files, precision, images) for precision in ("fp32", "int8"))
+    return agreement.compare(fp32, int8)["agreement"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

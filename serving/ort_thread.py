@@ -38,8 +38,7 @@ class OrtThread:
     def __init__(self, name: str = "vgg-ort") -> None:
         self.name = name
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None  # started on first use, from the event loop's thread
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -49,10 +48,9 @@ class OrtThread:
         return await future
 
     def _start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-                self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+            self._thread.start()
 
     def _serve(self) -> None:
         while True:
